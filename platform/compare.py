@@ -1,0 +1,94 @@
+"""Paper-style comparison table from MLflow: ``python -m platform.compare --experiment NAME``.
+
+Rows: model × defense × training eps (the best finished trial of each group by
+``--rank-by``); columns: clean TR@1/IR@1 and every attack × eps TR@1/IR@1 found in
+the runs. Reads MLflow only; it never recomputes a metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from platform.cli import run_cli
+from platform.tracking import ROLE_TAG
+from trainables.errors import UserError
+
+ATTACK_METRIC = re.compile(r"^(?P<attack>[a-z0-9-]+)/eps(?P<eps>[0-9.]+)/(?P<key>tr1|ir1)$")
+GROUP_TAGS = ("mava.model", "mava.defense", "mava.eps")
+
+
+def recall_columns(metric_names: set[str]) -> list[str]:
+    """``clean/tr1, clean/ir1`` then each attack × eps (sorted by attack, then eps) TR@1 and IR@1."""
+    found = [ATTACK_METRIC.match(name) for name in metric_names]
+    pairs = sorted({(m["attack"], float(m["eps"])) for m in found if m}, key=lambda p: (p[0], p[1]))
+    columns = [c for c in ("clean/tr1", "clean/ir1") if c in metric_names]
+    for attack, eps in pairs:
+        label = f"{eps:g}"
+        columns += [c for c in (f"{attack}/eps{label}/tr1", f"{attack}/eps{label}/ir1") if c in metric_names]
+    return columns
+
+
+def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise UserError(f"no MLflow experiment named {experiment_name!r} at this tracking URI: existing experiments: {names}")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'")
+    if not runs:
+        raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
+    columns = recall_columns({name for run in runs for name in run.data.metrics})
+    robust = [c for c in columns if not c.startswith("clean/") and c.endswith("/tr1")]
+    rank_by = rank_by or (robust[-1] if robust else "clean/tr1")
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        groups.setdefault(tuple(run.data.tags.get(t, "?") for t in GROUP_TAGS), []).append(run)
+    rows = []
+    for (model, defense, eps), members in sorted(groups.items()):
+        best = max(members, key=lambda r: r.data.metrics.get(rank_by, float("-inf")))
+        row = {"model": model, "defense": defense, "eps": eps, "trials": len(members)}
+        row.update({c: best.data.metrics.get(c) for c in columns})
+        row["run_id"] = best.info.run_id
+        rows.append(row)
+    return ["model", "defense", "eps", "trials", *columns, "run_id"], rows
+
+
+def markdown(columns: list[str], rows: list[dict]) -> str:
+    def cell(value) -> str:
+        return f"{value:.1f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m platform.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment of the sweep file)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: the embedded store)")
+    parser.add_argument("--rank-by", help="metric choosing each group's trial (default: the last robust TR@1 column)")
+    parser.add_argument("--csv", help="also write the table as CSV here")
+    parser.add_argument("--markdown", help="also write the table as Markdown here")
+    args = parser.parse_args()
+    uri = args.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow database at {Path(uri.removeprefix('sqlite:///')).resolve()}: run a sweep here first or pass --tracking-uri")
+    columns, rows = comparison_rows(MlflowClient(uri), args.experiment, args.rank_by)
+    text = markdown(columns, rows)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

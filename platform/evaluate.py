@@ -1,0 +1,181 @@
+"""Robust retrieval evaluation of one model: clean and under each attack × eps, white-box or transfer.
+
+    python -m platform.evaluate --model tiny-clip --data synthetic:test,n=100 \\
+        --attacks pgd,apgd,co-attack,sga,vlp-attack --eps 2/255,4/255 --output results.json
+    python -m platform.evaluate --model tiny-clip --checkpoint runs/ft/checkpoints/epoch-10 \\
+        --surrogate tiny-clip --data synthetic:test --attacks sga --eps 2/255       # transfer
+
+Prints a table (rows: clean and each attack × eps; columns TR@1/5/10, IR@1/5/10, the
+threat model and the text-candidate source) and writes the same rows as JSON. Before
+the numbers, cheap honesty checks run (fp32, deterministic forward, non-zero input
+gradients, more steps never helping the defence, transfer never beating white-box);
+each failed check is printed as a warning and stored with the rows (docs/attacks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from platform.cli import run_cli
+from trainables.attacks import ATTACKS
+from trainables.checkpoint import VISION_FILE
+from trainables.config import parse_eps
+from trainables.data import load_dataset, parse_data_spec
+from trainables.errors import UserError
+from trainables.evaluation.robustness import (EvalSettings, RetrievalRow, attach_row_warnings, evaluate_retrieval_rows,
+                                              honesty_checks)
+from trainables.models import ModelSpec, load_model, parse_model_spec
+from trainables.models.weights import load_strict, read_state_dict
+from trainables.names import RECALL_KEYS
+
+COLUMNS = {"tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10"}
+
+
+def _attack_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no attack named: use one or more of {', '.join(ATTACKS)}, comma-separated")
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(map(repr, unknown))}: use one or more of {', '.join(ATTACKS)}")
+    return names
+
+
+def _eps_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(parse_eps(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not values:
+        raise argparse.ArgumentTypeError("no eps given: write e.g. --eps 2/255,4/255")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m platform.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model spec of the evaluated model, e.g. tiny-clip or open_clip:ViT-B-16@/abs/w.pt")
+    parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
+    parser.add_argument("--data", required=True, help="data spec, e.g. synthetic:test,n=100 or karpathy:/data/dataset_flickr30k.json,images=/data/flickr30k,split=test")
+    parser.add_argument("--attacks", type=_attack_names, default=("pgd",), help=f"comma-separated, from: {', '.join(ATTACKS)} (default: pgd)")
+    parser.add_argument("--eps", type=_eps_list, default=(2 / 255, 4 / 255), help="comma-separated L-inf budgets in [0, 1] pixel units, e.g. 2/255,4/255 (default)")
+    parser.add_argument("--surrogate", help="model spec to craft the attacks on (transfer); default: the evaluated model itself (white-box)")
+    parser.add_argument("--surrogate-checkpoint", help="vision weights for the surrogate (same forms as --checkpoint)")
+    parser.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per attack batch (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every attack's randomness (default 0)")
+    parser.add_argument("--mlm", help="local masked-LM directory for the text attacks' candidates (default: offline character edits + token-embedding neighbours)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def vision_weights_path(checkpoint: str) -> Path:
+    """The vision weights file of a checkpoint directory (``vision.safetensors``) or a weights file itself."""
+    path = Path(checkpoint).expanduser().resolve()
+    if path.is_dir():
+        weights = path / VISION_FILE
+        if not weights.is_file():
+            raise UserError(f"checkpoint directory {path} has no {VISION_FILE}: give a directory written by the training loop "
+                            "or the .safetensors file of the vision weights")
+        return weights
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: give a checkpoint directory (with {VISION_FILE}) or a .safetensors file")
+    return path
+
+
+def load_evaluated_model(spec: ModelSpec, weights: Path | None, device: torch.device):
+    """``load_model(spec)`` with vision weights (if any) loaded strictly into ``model.vision``."""
+    model = load_model(spec)
+    if weights is not None:
+        load_strict(model.vision, read_state_dict(weights), source=str(weights))
+    return model.to(device).eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device {name!r}: use cpu, cuda (or cuda:N) or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but no CUDA device is available: use --device cpu")
+    return torch.device(name)
+
+
+def format_table(rows: list[RetrievalRow]) -> str:
+    """Rows: clean and each attack × eps; columns TR@1/5/10, IR@1/5/10, threat, text source."""
+    header = ["attack", "eps"] + list(COLUMNS.values()) + ["threat", "text"]
+    body = [[row.attack, row.to_json()["eps"] or "-"] + [f"{row.recalls[key]:.1f}" for key in RECALL_KEYS]
+            + [row.threat, row.text_source or "-"] for row in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    numeric = set(range(2, 2 + len(COLUMNS)))
+    render = lambda line: "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(header), rule] + [render(line) for line in body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Check every input before loading anything: a typo costs no model load.
+    device = resolve_device(args.device)
+    if args.surrogate_checkpoint and not args.surrogate:
+        raise UserError("--surrogate-checkpoint needs --surrogate: name the surrogate's model spec too")
+    model_spec = parse_model_spec(args.model)
+    surrogate_spec = parse_model_spec(args.surrogate) if args.surrogate else None
+    weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
+    surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
+    parse_data_spec(args.data)
+
+    model = load_evaluated_model(model_spec, weights, device)
+    surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
+    dataset = load_dataset(args.data, model.image_size)
+    if surrogate is not None and surrogate.image_size != model.image_size:
+        raise UserError(f"the surrogate takes {surrogate.image_size} px images but the evaluated model {model.image_size} px: "
+                        "use a surrogate with the same input size")
+    settings = EvalSettings(attacks=args.attacks, eps=args.eps, batch_size=args.batch_size, max_images=args.max_images,
+                            seed=args.seed, text_candidates=args.mlm)
+    num_images = min(len(dataset), args.max_images or len(dataset))
+    threat = "white-box" if surrogate is None else f"transfer from {surrogate.spec}"
+    print(f"evaluating {args.model}{' + ' + args.checkpoint if args.checkpoint else ''} on {args.data} "
+          f"({num_images} images), attacks {', '.join(args.attacks)}, {threat}", file=sys.stderr)
+
+    warnings = [] if args.no_checks else honesty_checks(model, dataset, settings, surrogate=surrogate)
+    rows = evaluate_retrieval_rows(model, dataset, settings, surrogate=surrogate, progress=not args.no_progress)
+    if args.surrogate_checkpoint:  # the label names the surrogate's weights too, so threat models never mix
+        rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{args.surrogate_checkpoint}")
+                for row in rows]
+    rows = attach_row_warnings(rows)
+    rows = [row if row.attack == "clean" else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
+
+    print(format_table(rows))
+    for warning in dict.fromkeys(w for row in rows for w in row.warnings):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.output:
+        output = Path(args.output).expanduser().resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        context = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "seed": args.seed}
+        output.write_text(json.dumps([{**row.to_json(), **context} for row in rows], indent=2))
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

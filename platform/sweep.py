@@ -1,0 +1,278 @@
+"""Run a hyperparameter sweep: ``python -m platform.sweep --space search_spaces/abc.yaml``.
+
+Ray Tune (Optuna TPE / NSGA-II or grid) samples the sweep file's space; each
+trial runs the training loop in a Ray Train ``TorchTrainer`` (DDP over
+``resources.workers_per_trial`` workers, CPU or GPU); every trial is an MLflow
+child run of one parent run per sweep. ``--resume`` continues an interrupted
+sweep: the same Tune experiment, the same MLflow runs. Under ``ray job submit``
+(``RAY_ADDRESS`` set) the driver attaches to that cluster instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from platform.cli import parse_assignments, run_cli
+from platform.search import final_key, num_samples, scheduler, searcher, tune_space
+from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
+from platform.tracking import (SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
+                               get_or_create_parent_run, register_best)
+from trainables.ray_worker import run_trial, training_options
+from trainables.data import check_min_captions, load_dataset, parse_data_spec
+from trainables.config import TrainConfig
+from trainables.errors import UserError
+from trainables.models import parse_model_spec
+from trainables.models.tiny_clip import ensure_pretrained
+
+# The Tune trial only launches and watches its Train run; its workers hold the CPUs.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Every path and URI a sweep uses, absolute (trials run in other directories)."""
+
+    tracking_uri: str
+    artifact_location: str | None
+    storage_path: str
+
+
+def resolve_locations(spec: SweepSpec, tracking_uri: str | None, storage_path: str | None) -> Locations:
+    uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    artifacts = spec.tracking.artifact_location
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        artifacts = artifacts or "mlartifacts"  # the embedded store keeps artifacts beside the database
+    if artifacts and "://" not in artifacts:
+        artifacts = Path(artifacts).resolve().as_uri()
+    storage = storage_path or spec.storage.path
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    return Locations(uri, artifacts, storage)
+
+
+def check_locations(locations: Locations) -> None:
+    """Fail before any compute if results could not be written or the tracking server is unreachable."""
+    local_dirs = [locations.storage_path] if "://" not in locations.storage_path else []
+    if locations.artifact_location and locations.artifact_location.startswith("file://"):
+        local_dirs.append(locations.artifact_location.removeprefix("file://"))
+    for directory in local_dirs:
+        path = Path(directory)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"cannot write to {path} ({error.strerror}): choose a writable --storage-path / tracking.artifact_location") from None
+    if locations.tracking_uri.startswith("sqlite:///"):
+        Path(locations.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        MlflowClient(locations.tracking_uri).search_experiments(max_results=1)
+    except Exception as error:  # any failure here means no tracking: say so before training starts
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UserError(f"MLflow tracking at {locations.tracking_uri} is unreachable ({first_line}): start the server or fix --tracking-uri") from None
+
+
+def check_inputs(spec: SweepSpec) -> None:
+    """Model and data specs are valid and every image has as many captions as the largest M searched."""
+    base = spec.base_training_options()
+    parse_model_spec(base["model"])
+    for key in ("train_data", "eval_data"):
+        parse_data_spec(base[key])
+    check_min_captions(load_dataset(base["train_data"], image_size=32), largest_m(spec))
+
+
+def largest_m(spec: SweepSpec) -> int:
+    """The most captions per image any trial can ask for."""
+    searched = spec.space.get("M")
+    if isinstance(searched, Choice):
+        return int(max(searched.values))
+    if isinstance(searched, IntRange):
+        return searched.high
+    if isinstance(searched, Fixed):
+        return int(searched.value)
+    return int(spec.base_training_options().get("M", TrainConfig.model_fields["M"].default))
+
+
+def new_sweep_id(spec: SweepSpec) -> str:
+    return f"{spec.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_sweep_id(spec: SweepSpec, storage_path: str) -> str:
+    candidates = sorted(Path(storage_path).glob(f"{spec.experiment.name}-*[0-9]"), key=lambda p: p.stat().st_mtime)
+    candidates = [c for c in candidates if tune.Tuner.can_restore(str(c))]
+    if not candidates:
+        raise UserError(f"no sweep named {spec.experiment.name} to resume under {storage_path}: run without --resume to start one")
+    return candidates[-1].name
+
+
+def init_ray() -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # `ray job submit`: attach to the cluster the job runs on
+    else:
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=True)
+
+
+def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    path = os.path.join(locations.storage_path, sweep_id)
+    if resume:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    searched = sorted(spec.space)
+    param_space = {
+        **tune_space(spec),
+        "train": {k: v for k, v in spec.base_training_options().items()},
+        "sweep": {"sweep_id": sweep_id, "storage_path": locations.storage_path, "searched": searched,
+                  "objectives": spec.objective_metrics(),
+                  **spec.resources.model_dump(include={"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"})},
+    }
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, study_name=sweep_id), scheduler=scheduler(spec),
+                                    num_samples=num_samples(spec), max_concurrent_trials=spec.resources.max_concurrent_trials),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=locations.storage_path, callbacks=[tracker], verbose=1),
+    )
+
+
+def pareto_front(rows: list[dict], spec: SweepSpec) -> list[dict]:
+    """Completed trials that no other trial beats on every objective."""
+    signs = [1 if o.mode.value == "max" else -1 for o in spec.search.objectives]
+    metrics = spec.objective_metrics()
+    scored = [r for r in rows if all(r.get(m) is not None for m in metrics)]
+
+    def dominates(x, y):
+        a = [s * x[m] for s, m in zip(signs, metrics)]
+        b = [s * y[m] for s, m in zip(signs, metrics)]
+        return all(p >= q for p, q in zip(a, b)) and any(p > q for p, q in zip(a, b))
+
+    return [r for r in scored if not any(dominates(o, r) for o in scored if o is not r)]
+
+
+def trial_rows(results: tune.ResultGrid, spec: SweepSpec) -> list[dict]:
+    rows = []
+    for result in results:
+        config = training_options(result.config) if result.config else {}
+        metrics = result.metrics or {}
+        row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
+        row.update({k: config.get(k) for k in sorted(spec.space)})
+        row["epochs"] = metrics.get("epoch")
+        for metric in spec.objective_metrics():
+            row[metric] = metrics.get(final_key(metric))
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)"
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: str | None = None, resume: str | bool = False,
+              source: str = "") -> dict:
+    """Run (or resume) a sweep; returns a summary with the parent run id, trial rows and the Pareto front."""
+    locations = resolve_locations(spec, tracking_uri, storage_path)
+    check_locations(locations)
+    check_inputs(spec)
+    if spec.experiment.model == "tiny-clip":
+        ensure_pretrained()  # once, in the driver, before trials start (they would race to pretrain)
+    if resume:
+        sweep_id = resume if isinstance(resume, str) else latest_sweep_id(spec, locations.storage_path)
+    else:
+        sweep_id = new_sweep_id(spec)
+    client = MlflowClient(locations.tracking_uri)
+    experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
+    parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, {
+        "sweep_file": source, "algorithm": spec.search.algorithm.value, "num_trials": num_samples(spec),
+        "objectives": json.dumps([o.model_dump(mode="json") for o in spec.search.objectives]),
+        "space": json.dumps({k: v.model_dump(mode="json") for k, v in spec.space.items()}),
+        **{f"fixed.{k}": v for k, v in spec.base_training_options().items()},
+    }, tags={"mava.model": spec.experiment.model, "mava.defense": spec.experiment.defense})
+    family = "clip" if "clip" in spec.experiment.model else spec.experiment.model.split(":")[0]
+    tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id, family)
+    init_ray()
+    started = time.perf_counter()
+    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
+    wall_seconds = time.perf_counter() - started
+    rows = trial_rows(results, spec)
+    front = pareto_front(rows, spec)
+    summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,
+               "pareto_front": front, "wall_seconds": wall_seconds, "tracking_uri": locations.tracking_uri,
+               "storage_path": os.path.join(locations.storage_path, sweep_id)}
+    best = _best_trial_run(client, experiment_id, sweep_id, spec, front)
+    if best is not None and spec.tracking.register_best:
+        model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
+        summary["registered"] = {"name": model_name, "version": register_best(client, best, model_name), "run_id": best}
+        client.set_tag(parent_run_id, "mava.best_run_id", best)
+    client.log_metric(parent_run_id, "sweep/wall_seconds", wall_seconds)
+    failed = sum(1 for r in rows if r["status"] != "OK")
+    client.set_tag(parent_run_id, "mava.failed_trials", str(failed))
+    client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED if failed < len(rows) else RunStatus.FAILED))
+    return summary
+
+
+def _best_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, spec: SweepSpec, front: list[dict]) -> str | None:
+    """The MLflow run of the best finished trial by the first objective (among the Pareto front)."""
+    if not front:
+        return None
+    objective = spec.search.objectives[0]
+    best = (max if objective.mode.value == "max" else min)(front, key=lambda r: r[objective.metric])
+    return find_run(client, experiment_id, {SWEEP_TAG: sweep_id, TRIAL_TAG: best["trial"]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m platform.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, help="sweep file, e.g. search_spaces/abc.yaml")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="SWEEP_ID",
+                        help="continue an interrupted sweep (the latest of this experiment, or SWEEP_ID)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri, else sqlite:///mlflow.db)")
+    parser.add_argument("--storage-path", help="Ray results directory (default: the file's storage.path)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a key of the sweep file, e.g. --set experiment.model=open_clip:ViT-B-16@/w/vit-b-16.pt")
+    parser.add_argument("--summary-json", help="also write the summary (trial table, Pareto front, run ids) to this file")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    spec = load_sweep_spec(args.space, parse_assignments(args.set, "--set"))
+    summary = run_sweep(spec, args.tracking_uri, args.storage_path, args.resume, source=str(Path(args.space).resolve()))
+    print(f"\nsweep {summary['sweep_id']}: {len(summary['rows'])} trials in {summary['wall_seconds']:.0f} s")
+    print(format_table(summary["rows"]))
+    if len(spec.search.objectives) > 1:
+        print("\nPareto front:")
+        print(format_table(summary["pareto_front"]))
+    if "registered" in summary:
+        print(f"\nbest checkpoint registered as {summary['registered']['name']} v{summary['registered']['version']} (alias 'best')")
+    print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}   (parent run {summary['parent_run_id']})")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0 if any(r["status"] == "OK" for r in summary["rows"]) else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

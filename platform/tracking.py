@@ -1,0 +1,211 @@
+"""MLflow records of a sweep: one parent run, one child run per trial, owned by the driver.
+
+Only the driver talks to MLflow (never a Ray worker, never every rank): a Ray Tune
+``Callback`` receives every trial's per-epoch results and logs them to that trial's
+child run. Runs are found again by tags (sweep id + trial id), so a resumed sweep
+or a retried worker continues the same runs instead of duplicating them, and an
+epoch that was already logged is never logged twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from trainables.config import TrainConfig
+from trainables.ray_worker import training_options
+from trainables.checkpoint import STATE_FILE, VISION_FILE
+from trainables.names import EPOCH
+
+SWEEP_TAG = "mava.sweep_id"
+TRIAL_TAG = "mava.trial_id"
+ROLE_TAG = "mava.role"  # "sweep" or "trial"
+PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+CARD_FILE = "card.json"
+# Environment variables whose values must never reach params, tags or artifacts.
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def redact(values: dict[str, Any]) -> dict[str, Any]:
+    """Replace any value that equals a secret environment variable's value (tokens, keys) by ``<redacted>``."""
+    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 8}
+    return {k: ("<redacted>" if isinstance(v, str) and any(s in v for s in secrets) else v) for k, v in values.items()}
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=2)
+    return runs[0].info.run_id if runs else None
+
+
+def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep"})
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id, run_name=sweep_id, tags={SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", **tags})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    clean = redact(params)
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(clean.items())])
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Our metrics only (names with a '/'), numeric and finite; Tune's bookkeeping fields are dropped."""
+    return {k: float(v) for k, v in result.items()
+            if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str, float], vision_path: Path) -> Path:
+    """The small JSON card published beside the robust encoder weights."""
+    card = {
+        "base_model": trial_params["model"],
+        "defense": trial_params["defense"],
+        "eps": trial_params["eps"],
+        "eps_255": round(float(trial_params["eps"]) * 255, 3),
+        "hyperparameters": redact(trial_params),
+        "metrics": metrics,
+        "weights_file": VISION_FILE,
+        "sha256": sha256_of(vision_path),
+        "threat_model": "white-box (attacks computed on the fine-tuned model itself)",
+    }
+    path = directory / CARD_FILE
+    path.write_text(json.dumps(card, indent=2, default=str))
+    return path
+
+
+def trial_params(trial) -> dict[str, Any]:
+    """Every training option of a trial, defaults included (what its child run records as params)."""
+    return TrainConfig(**training_options(trial.config)).model_dump(mode="json")
+
+
+class MlflowTrialTracker(Callback):
+    """Ray Tune callback: child run per trial, per-epoch metrics, robust checkpoint + card at the end."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, family: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep_id = sweep_id
+        self.family = family
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}
+        self._last_epoch: dict[str, int] = {}
+        self._last_checkpoint: dict[str, str] = {}
+        self._last_metrics: dict[str, dict[str, float]] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:  # created lazily: the callback object is pickled with the experiment state
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        tags = {SWEEP_TAG: self.sweep_id, TRIAL_TAG: trial.trial_id}
+        run_id = find_run(self.client, self.experiment_id, tags)
+        if run_id is None:
+            train = trial_params(trial)
+            run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep_id}/{trial.trial_id}", tags={
+                **tags, ROLE_TAG: "trial", PARENT_TAG: self.parent_run_id, "mava.model": train["model"],
+                "mava.model_family": self.family, "mava.defense": train["defense"],
+                "mava.eps": f"{round(float(train['eps']) * 255, 3):g}/255",
+            })
+            run_id = run.info.run_id
+            log_params(self.client, run_id, train)
+            self._last_epoch[trial.trial_id] = 0
+        else:
+            # Resumed sweep: continue after the last epoch this run already holds.
+            history = self.client.get_metric_history(run_id, EPOCH)
+            self._last_epoch[trial.trial_id] = int(max((m.value for m in history), default=0))
+            self.client.update_run(run_id, status="RUNNING")
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        if "checkpoint_path" in result:
+            self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
+        metrics = numeric_metrics(result)
+        epoch = int(result.get(EPOCH, 0))
+        if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0):
+            return  # a retried worker re-reporting an epoch that is already recorded
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith("final/")] + [Metric(EPOCH, epoch, now, epoch)]
+        self.client.log_batch(run_id, metrics=batch)
+        self._last_epoch[trial.trial_id] = epoch
+        self._last_metrics[trial.trial_id] = metrics
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        checkpoint = self._last_checkpoint.get(trial.trial_id)
+        if checkpoint and (Path(checkpoint) / VISION_FILE).is_file():
+            self.log_checkpoint(run_id, trial_params(trial), Path(checkpoint))
+        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        reason = (trial.error_msg or "trial failed; see the Ray trial's error.txt")[-4000:]
+        self.client.set_tag(run_id, "mava.failure", reason)
+        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+
+    def log_checkpoint(self, run_id: str, trial_params: dict[str, Any], checkpoint: Path) -> None:
+        """Upload the robust encoder (safetensors) with its card under ``checkpoint/``."""
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        with tempfile.TemporaryDirectory() as staging:
+            staging_dir = Path(staging)
+            shutil.copy2(checkpoint / VISION_FILE, staging_dir / VISION_FILE)
+            write_card(staging_dir, trial_params, numeric_metrics(state["metrics"]), staging_dir / VISION_FILE)
+            self.client.log_artifacts(run_id, str(staging_dir), CHECKPOINT_ARTIFACT_DIR)
+
+
+def register_best(client: MlflowClient, run_id: str, model_name: str) -> str:
+    """Register a trial's checkpoint artifacts as a new version of ``model_name`` with alias ``best``."""
+    try:
+        client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(model_name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}"
+    version = client.create_model_version(model_name, source=source, run_id=run_id)
+    client.set_registered_model_alias(model_name, "best", version.version)
+    return version.version

@@ -1,0 +1,66 @@
+"""Shared fixtures: one pretrained tiny CLIP per session (cached), tiny random models, and Ray.
+
+The pretrained ``tiny-clip`` is the embedded default model. Its first use in a
+fresh environment pretrains it (a few minutes on 2 CPU cores) into
+``$MAVA_CACHE_DIR``; every later test session loads it from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_clip():
+    """The embedded default model (pretrained once per machine and cached). Do not mutate: copy it."""
+    from trainables.models import load_model
+
+    return load_model("tiny-clip")
+
+
+@pytest.fixture()
+def tiny_clip(pretrained_tiny_clip):
+    """A private deep copy of the pretrained tiny CLIP that a test may train or modify."""
+    import copy
+
+    return copy.deepcopy(pretrained_tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def random_tiny_clip_weights(tmp_path_factory) -> Path:
+    """A safetensors file of the tiny architecture with random weights (fast model-loading tests)."""
+    from safetensors.torch import save_file
+
+    from trainables.models.tiny_clip import build_tiny_clip
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random-tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny_clip().state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture()
+def random_tiny_clip(random_tiny_clip_weights):
+    """The tiny architecture with random (untrained) weights, loaded through the model-spec path."""
+    from trainables.models import load_model
+
+    return load_model(f"tiny-clip@{random_tiny_clip_weights}")
+
+
+@pytest.fixture(scope="session")
+def synthetic_test_set():
+    """100 test images of the synthetic world at the tiny CLIP's 32 px."""
+    from trainables.data.synthetic import SyntheticWorld
+
+    return SyntheticWorld("test", 100, image_size=32, seed=0)

@@ -1,0 +1,34 @@
+"""Projection onto the L-inf ball and the pixel box, exact in floating point.
+
+``clamp(x + delta, 0, 1) - x`` can exceed eps by one ulp after rounding; the
+contract ``||x_adv - x||_inf <= eps`` must hold *exactly*, so the few entries that
+overshoot are stepped back towards ``x`` with ``nextafter``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def representable_eps(eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of ``dtype`` that is <= eps (``float32(4/255)`` rounds *up* otherwise)."""
+    value = torch.tensor(eps, dtype=dtype)
+    return torch.nextafter(value, torch.zeros_like(value)) if float(value) > eps else value
+
+
+def project_linf(candidate: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
+    """The point of ``[original - eps, original + eps] ∩ [0, 1]`` nearest ``candidate`` (entrywise)."""
+    eps = representable_eps(eps, candidate.dtype).to(candidate.device)
+    projected = torch.maximum(torch.minimum(candidate, original + eps), original - eps).clamp(0.0, 1.0)
+    for _ in range(4):  # one or two nextafter steps always suffice; bounded for safety
+        over = (projected - original).abs() > eps
+        if not bool(over.any()):
+            return projected
+        projected = torch.where(over, torch.nextafter(projected, original), projected)
+    return projected
+
+
+def random_start(images: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """A uniform point of the eps-ball around ``images``, inside [0, 1] (PGD's random start)."""
+    noise = torch.rand(images.shape, generator=generator, device=generator.device, dtype=images.dtype).to(images.device)
+    return project_linf(images + (2 * noise - 1) * eps, images, eps)

@@ -1,0 +1,1 @@
+"""Evaluation: image-text retrieval recall (clean and under attack) and captioning metrics."""

@@ -1,0 +1,186 @@
+"""Model specs -> models behind the one :class:`VLPModel` interface.
+
+A model spec is a string a user writes in YAML or on the command line::
+
+    tiny-clip                              embedded default (pretrained and cached on first use)
+    tiny-clip@/abs/weights.safetensors     the tiny architecture with these weights
+    open_clip:ViT-B-16@/abs/weights.pt     a named open_clip architecture, weights from a local file
+                                           (also OpenAI's TorchScript release file, e.g. ViT-B-16.pt)
+    hf-clip:/abs/dir                       transformers CLIPModel saved with save_pretrained
+    hf-blip-itr:/abs/dir                   transformers BlipForImageTextRetrieval (ITC + ITM re-ranking)
+    hf-blip-cap:/abs/dir                   transformers BlipForConditionalGeneration (captioning, no text encoder)
+
+Nothing is ever downloaded. Kinds live in the plain dict ``MODEL_KINDS`` below.
+docs/models-and-data.md describes each kind and its checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+
+from trainables.errors import UserError
+from trainables.models.base import VLPModel
+from trainables.models.hf_blip import load_hf_blip_caption, load_hf_blip_retrieval
+from trainables.models.hf_clip import load_hf_clip
+from trainables.models.open_clip_model import build_open_clip
+from trainables.models.tiny_clip import TinyClipConfig, build_tiny_clip, load_tiny_clip
+from trainables.models.weights import load_strict, read_state_dict
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: ``kind[:name][@weights]``."""
+
+    kind: str
+    name: str | None
+    weights: str | None
+
+    def __str__(self) -> str:
+        text = self.kind + (f":{self.name}" if self.name else "")
+        return text + (f"@{self.weights}" if self.weights else "")
+
+
+def _load_tiny_clip(spec: ModelSpec) -> VLPModel:
+    config = TinyClipConfig()
+    if spec.weights is None:
+        clip = load_tiny_clip(config)
+    else:
+        clip = build_tiny_clip(config)
+        load_strict(clip, read_state_dict(spec.weights), source=spec.weights)
+    return build_open_clip(clip, str(spec))
+
+
+# Entries of OpenAI's release files that are not weights of open_clip's CLIP: metadata
+# that OpenAI's build_model() also drops, and the causal mask that tracing stored.
+_OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    # The test torch.load applies: a zip whose top folder holds constants.pkl.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _read_open_clip_weights(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, is OpenAI's release format) of an open_clip weights file.
+
+    OpenAI's ``ViT-B-16.pt`` is a TorchScript archive that ``torch.load(weights_only=True)``
+    refuses. ``torch.jit.load`` reads it without unpickling arbitrary Python (TorchScript
+    archives hold tensors and TorchScript code, which ``state_dict()`` never runs), so it
+    is the one exception to ``read_state_dict``. OpenAI state dicts use open_clip's key
+    names; their metadata entries are dropped and fp16 tensors cast to float32.
+    """
+    if not _is_torchscript_archive(Path(path)):
+        state = read_state_dict(path)
+        is_openai = any(key in state for key in _OPENAI_NON_WEIGHTS[:3])
+    else:
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript; reading a release archive's tensors is all we do with it.
+            warnings.simplefilter("ignore", FutureWarning)
+            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        is_openai = True
+    if is_openai:
+        state = {k: v.float() for k, v in state.items() if k not in _OPENAI_NON_WEIGHTS}
+    return state, is_openai
+
+
+def _load_open_clip(spec: ModelSpec) -> VLPModel:
+    known = open_clip.list_models()
+    if spec.name not in known:
+        raise UserError(
+            f"unknown open_clip architecture {spec.name!r} in model spec {str(spec)!r}: "
+            f"use one of open_clip.list_models(), e.g. {', '.join(n for n in known if n.startswith('ViT-B'))}"
+        )
+    text_config = open_clip.get_model_config(spec.name)["text_cfg"]
+    needs_hub = [key for key in ("hf_model_name", "hf_tokenizer_name") if key in text_config]
+    if needs_hub:
+        raise UserError(
+            f"open_clip architecture {spec.name!r} builds its text side from the Hugging Face hub "
+            f"({', '.join(f'{k}={text_config[k]!r}' for k in needs_hub)}), which needs a download: "
+            "use an architecture with CLIP's own tokenizer (e.g. ViT-B-16), or hf-clip:/abs/dir"
+        )
+    if spec.weights is None:
+        raise UserError(
+            f"model spec {str(spec)!r} names no weights file: write open_clip:{spec.name}@/abs/path/to/weights "
+            "(nothing is downloaded at run time)"
+        )
+    state, is_openai = _read_open_clip_weights(spec.weights)
+    # OpenAI trained with QuickGELU; open_clip's plain names (ViT-B-16) use nn.GELU.
+    clip = open_clip.create_model(spec.name, pretrained=None, force_quick_gelu=is_openai)
+    load_strict(clip, state, source=spec.weights)
+    return build_open_clip(clip, str(spec))
+
+
+def _load_hf_clip(spec: ModelSpec) -> VLPModel:
+    return load_hf_clip(Path(spec.name), str(spec))
+
+
+def _load_hf_blip_retrieval(spec: ModelSpec) -> VLPModel:
+    return load_hf_blip_retrieval(Path(spec.name), str(spec))
+
+
+def _load_hf_blip_caption(spec: ModelSpec) -> VLPModel:
+    return load_hf_blip_caption(Path(spec.name), str(spec))
+
+
+# kind -> (needs a name after ':', loader)
+MODEL_KINDS: dict[str, tuple[bool, Callable[[ModelSpec], VLPModel]]] = {
+    "tiny-clip": (False, _load_tiny_clip),
+    "open_clip": (True, _load_open_clip),
+    "hf-clip": (True, _load_hf_clip),
+    "hf-blip-itr": (True, _load_hf_blip_retrieval),
+    "hf-blip-cap": (True, _load_hf_blip_caption),
+}
+# Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
+# their weights come from that directory, so they take no '@weights'.
+DIRECTORY_KINDS = ("hf-clip", "hf-blip-itr", "hf-blip-cap")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse and check a model spec string (kind known, name present where needed, weights file exists)."""
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"model spec {text!r} is empty: use one of {', '.join(MODEL_KINDS)} (e.g. tiny-clip)")
+    head, _, weights = text.strip().partition("@")
+    kind, _, name = head.partition(":")
+    if kind not in MODEL_KINDS:
+        raise UserError(f"unknown model kind {kind!r} in model spec {text!r}: use one of {', '.join(MODEL_KINDS)}")
+    needs_name, _ = MODEL_KINDS[kind]
+    if needs_name and not name:
+        if kind in DIRECTORY_KINDS:
+            raise UserError(f"model spec {text!r} needs a model directory: write {kind}:/abs/path/to/dir")
+        raise UserError(f"model spec {text!r} needs an architecture name: write {kind}:NAME@/abs/path/to/weights")
+    if not needs_name and name:
+        raise UserError(f"model spec {text!r}: kind {kind!r} takes no ':NAME' part")
+    if kind in DIRECTORY_KINDS:
+        if weights:
+            raise UserError(
+                f"model spec {text!r}: {kind} loads its weights from the directory, so it takes no '@weights'; "
+                "load a fine-tuned vision checkpoint with trainables.models.robust_checkpoint.load_robust_vision"
+            )
+        directory = Path(name).expanduser().resolve()
+        if not directory.is_dir():
+            state = "is not a directory" if directory.exists() else "does not exist"
+            raise UserError(f"model directory {directory} in model spec {text!r} {state}: check the path after '{kind}:'")
+        name = str(directory)
+    if weights:
+        weights_path = Path(weights).expanduser().resolve()
+        if not weights_path.is_file():
+            raise UserError(f"weights file {weights_path} in model spec {text!r} does not exist: check the path after '@'")
+        weights = str(weights_path)
+    return ModelSpec(kind=kind, name=name or None, weights=weights or None)
+
+
+def load_model(spec: str | ModelSpec) -> VLPModel:
+    """Build the model a spec names, in eval mode with the text side frozen."""
+    parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+    _, loader = MODEL_KINDS[parsed.kind]
+    return loader(parsed).eval()

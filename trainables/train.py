@@ -1,0 +1,165 @@
+"""The training loop: adversarial fine-tuning of the vision encoder, one function for every setting.
+
+``run_training`` is ordinary PyTorch. It runs in-process (tests, ``platform.finetune``)
+and, unchanged, on every Ray Train worker (``trainables.ray_worker``), where
+``torch.distributed`` is initialised and the vision encoder is wrapped in DDP.
+Per epoch, in order: train (attack -> forward -> loss -> step), evaluate, checkpoint,
+report. The text side and ``F_org`` are frozen, so their features are computed once
+per dataset before the first epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from trainables.checkpoint import load_training_checkpoint, save_training_checkpoint
+from trainables.config import Defense, OptimizerName, TrainConfig
+from trainables.data import check_min_captions, load_dataset
+from trainables.data.items import collate
+from trainables.errors import NonFiniteLossError
+from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
+from trainables.models import load_model
+from trainables.models.base import VLPModel
+from trainables.names import EPOCH, train_metric
+from trainables.steps import STEPS, tecoa_step
+
+# Called once per epoch with the epoch's metrics and its checkpoint directory (None on ranks > 0).
+Reporter = Callable[[dict[str, float], Path | None], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Attack noise for one epoch on one rank: a function of (seed, epoch, rank) only, so resume is exact."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+
+
+@torch.no_grad()
+def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, batch_size: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """item id -> (caption features (M, D) of its first M captions, F_org(image) (D,)), computed once."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    features = {}
+    for batch in loader:
+        captions = [caption for group in batch.captions for caption in group[:captions_per_image]]
+        text = model.encode_text(captions).view(len(batch.captions), captions_per_image, -1)
+        original = model.encode_image_original(batch.images.to(device))
+        for index, item_id in enumerate(batch.item_ids):
+            features[item_id] = (text[index], original[index])
+    return features
+
+
+def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if config.optimizer is OptimizerName.SGD:
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, resume_from: Path | None = None,
+                 progress: bool = False, model: VLPModel | None = None) -> dict[str, float]:
+    """Fine-tune ``config.model``'s vision encoder with ``config.defense``; returns the last epoch's metrics.
+
+    Args:
+        report: called after every epoch with the metrics and the checkpoint directory.
+        checkpoint_root: epoch checkpoints are written to ``checkpoint_root/epoch-NNNN`` (rank 0).
+        resume_from: a checkpoint directory to continue from (its epoch is skipped).
+        model: an already-loaded model (tests); by default ``config.model`` is loaded.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = (model if model is not None else load_model(config.model)).to(device)
+    model.freeze_text()
+    train_set = load_dataset(config.train_data, model.image_size)
+    check_min_captions(train_set, config.M)
+    eval_set = load_dataset(config.eval_data, model.image_size) if rank == 0 else None
+    cache = frozen_features(model, train_set, config.M, config.batch_size, device)
+
+    optimizer = build_optimizer(config, model.vision.parameters())
+    start_epoch = load_training_checkpoint(resume_from, model.vision, optimizer) if resume_from else 0
+    train_vision = DistributedDataParallel(model.vision) if distributed else model.vision
+    step = STEPS[config.defense]
+    if config.defense is Defense.TECOA:
+        step = functools.partial(tecoa_step, logit_scale=model.logit_scale)
+
+    def attack_encode(pixels: torch.Tensor) -> torch.Tensor:
+        return model.vision(model.normalize(pixels))
+
+    def train_encode(pixels: torch.Tensor) -> torch.Tensor:
+        return train_vision(model.normalize(pixels))
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed) if distributed else None
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        order = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, shuffle=sampler is None,
+                            generator=None if sampler is not None else order, collate_fn=collate, drop_last=False)
+        generator = epoch_generator(config.seed, epoch, rank, device)
+        totals: dict[str, float] = {}
+        seen = 0
+        for batch_index, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress or rank != 0, unit="batch")):
+            images = batch.images.to(device)
+            caption_features = torch.stack([cache[item_id][0] for item_id in batch.item_ids])
+            original_features = torch.stack([cache[item_id][1] for item_id in batch.item_ids])
+            model.vision.train()
+            terms = step(attack_encode, train_encode, images, caption_features, original_features, config, generator)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise NonFiniteLossError(
+                    f"the {config.defense.value} loss became {loss.item()} at epoch {epoch}, batch {batch_index} ({values}): "
+                    f"lower lr (now {config.lr:g}) or eps (now {config.eps:.4g}), or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value.item() * len(images)
+            seen += len(images)
+        train_seconds = time.perf_counter() - epoch_started
+        metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed), "time/train_seconds": train_seconds}
+        if rank == 0 and _evaluates(config, epoch):
+            settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed)
+            metrics.update(evaluate_retrieval(model, eval_set, settings, progress=progress))
+        metrics["time/epoch_seconds"] = time.perf_counter() - epoch_started
+        checkpoint = None
+        if rank == 0:
+            checkpoint = save_training_checkpoint(checkpoint_root / f"epoch-{epoch:04d}", model.vision, optimizer, epoch,
+                                                  config.model_dump(mode="json"), metrics)
+        report(metrics, checkpoint)
+    return metrics
+
+
+def _evaluates(config: TrainConfig, epoch: int) -> bool:
+    if epoch == config.epochs:
+        return True
+    return config.eval_every > 0 and epoch % config.eval_every == 0
+
+
+def _average_across_ranks(totals: dict[str, float], seen: int, distributed: bool) -> dict[str, float]:
+    keys = sorted(totals)
+    values = torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64)
+    if distributed:
+        dist.all_reduce(values)
+    count = values[-1].item()
+    return {train_metric(k): (values[i].item() / count if count else math.nan) for i, k in enumerate(keys)}
