@@ -77,3 +77,8 @@ def scheduler(spec: SweepSpec):
 def num_samples(spec: SweepSpec) -> int:
     # With grid search, num_samples repeats the whole grid: one pass is what a grid means.
     return 1 if spec.search.algorithm is Algorithm.GRID else spec.search.num_trials
+
+
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep runs in all (grid: every point of the grid once)."""
+    return spec.grid_size() if spec.search.algorithm is Algorithm.GRID else spec.search.num_trials

@@ -23,9 +23,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from platform.cli import parse_assignments, run_cli
-from platform.search import final_key, num_samples, scheduler, searcher, tune_space
+from platform.search import final_key, num_samples, planned_trials, scheduler, searcher, tune_space
 from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
-from platform.tracking import (SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
+from platform.tracking import (ROLE_TAG, SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
                                get_or_create_parent_run, register_best)
 from trainables.ray_worker import run_trial, training_options
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
@@ -207,7 +207,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
     parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, {
-        "sweep_file": source, "algorithm": spec.search.algorithm.value, "num_trials": num_samples(spec),
+        "sweep_file": source, "algorithm": spec.search.algorithm.value, "num_trials": planned_trials(spec),
         "objectives": json.dumps([o.model_dump(mode="json") for o in spec.search.objectives]),
         "space": json.dumps({k: v.model_dump(mode="json") for k, v in spec.space.items()}),
         **{f"fixed.{k}": v for k, v in spec.base_training_options().items()},
@@ -222,7 +222,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     front = pareto_front(rows, spec)
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,
                "pareto_front": front, "wall_seconds": wall_seconds, "tracking_uri": locations.tracking_uri,
-               "storage_path": os.path.join(locations.storage_path, sweep_id)}
+               "storage_path": os.path.join(locations.storage_path, sweep_id), "interrupted": False}
+    ended = ended_trials(client, experiment_id, sweep_id)
+    if ended < planned_trials(spec):
+        # Ctrl-C or a stop: Tune saved its state; leave the parent RUNNING so --resume continues it.
+        summary["interrupted"] = True
+        return summary
     best = _best_trial_run(client, experiment_id, sweep_id, spec, front)
     if best is not None and spec.tracking.register_best:
         model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
@@ -233,6 +238,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     client.set_tag(parent_run_id, "mava.failed_trials", str(failed))
     client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED if failed < len(rows) else RunStatus.FAILED))
     return summary
+
+
+def ended_trials(client: MlflowClient, experiment_id: str, sweep_id: str) -> int:
+    """Trials of this sweep whose MLflow child run has ended (finished or failed)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = 'trial'")
+    return sum(1 for run in runs if run.info.status in ("FINISHED", "FAILED"))
 
 
 def _best_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, spec: SweepSpec, front: list[dict]) -> str | None:
@@ -261,6 +272,10 @@ def main() -> int:
     args = build_parser().parse_args()
     spec = load_sweep_spec(args.space, parse_assignments(args.set, "--set"))
     summary = run_sweep(spec, args.tracking_uri, args.storage_path, args.resume, source=str(Path(args.space).resolve()))
+    if summary["interrupted"]:
+        print(f"\nsweep {summary['sweep_id']} was interrupted; finished trials are kept in MLflow. Continue it with:\n"
+              f"  python -m platform.sweep --space {args.space} --resume {summary['sweep_id']}")
+        return 130
     print(f"\nsweep {summary['sweep_id']}: {len(summary['rows'])} trials in {summary['wall_seconds']:.0f} s")
     print(format_table(summary["rows"]))
     if len(spec.search.objectives) > 1:

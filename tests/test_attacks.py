@@ -142,7 +142,7 @@ def test_text_attack_returns_the_original_where_no_candidate_helps(pretrained_ti
     # an objective maximised by the original caption itself: cosine to its own embedding
     original = F.normalize(encode_texts(pretrained_tiny_clip, captions, 64), dim=-1)
     faithful = text_attack(pretrained_tiny_clip, captions,
-                           lambda features, index: (F.normalize(features, dim=-1) * original[index]).sum(-1) - 1e-4,
+                           lambda features, index: (F.normalize(features, dim=-1) * original[index]).sum(-1),
                            OfflineCandidates(pretrained_tiny_clip), torch.Generator().manual_seed(0))
     assert faithful == captions
 
@@ -279,7 +279,7 @@ class _QuantiseInput(nn.Module):
 
 
 def test_honesty_checks_flag_zero_gradients_and_stay_quiet_on_an_honest_model(tiny_clip, pretrained_tiny_clip, synthetic_test_set):
-    settings = EvalSettings(eps=(4 / 255,))
+    settings = EvalSettings(attacks=("pgd", "apgd"), eps=(4 / 255,))
     assert honesty_checks(pretrained_tiny_clip, synthetic_test_set, settings, num_images=8) == []
     tiny_clip.vision = nn.Sequential(_QuantiseInput(), tiny_clip.vision)
     warnings = honesty_checks(tiny_clip, synthetic_test_set, settings, num_images=8)
@@ -296,6 +296,5 @@ def test_row_warnings_catch_contradictory_results():
                                 _row("apgd", 2 / 255, 50.0, 15.0), _row("sga", 2 / 255, 90.0, 60.0)])
     text = {row.attack + str(row.eps): " ".join(row.warnings) for row in rows}
     assert "smaller eps" in text["pgd" + str(4 / 255)]
-    assert "weaker pgd beats apgd" in text["apgd" + str(2 / 255)]
     assert "above clean" in text["sga" + str(2 / 255)]
     assert text["clean" + "None"] == "" and text["pgd" + str(2 / 255)] == ""
