@@ -12,6 +12,7 @@ import csv
 import re
 from pathlib import Path
 
+from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from platform.cli import run_cli
@@ -33,11 +34,27 @@ def recall_columns(metric_names: set[str]) -> list[str]:
     return columns
 
 
-def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
+def check_tracking_store(uri: str) -> None:
+    """A SQLite store that does not exist is a typo, not an empty store (MLflow would silently create it)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])  # relative, or absolute for sqlite:////abs/path
+        if not path.is_file():
+            raise UserError(f"no MLflow database at {path.resolve()}: run a sweep here first or pass --tracking-uri")
+
+
+def find_experiment(client: MlflowClient, experiment_name: str) -> Experiment:
+    """The named experiment, or a UserError listing the experiments that do exist."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise UserError(f"no MLflow experiment named {experiment_name!r} at this tracking URI: existing experiments: {names}")
+        raise UserError(f"no MLflow experiment named {experiment_name!r} at this tracking URI: existing experiments: {names}; "
+                        "pass one of them as --experiment, or --tracking-uri of the store the sweep wrote to")
+    return experiment
+
+
+def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
+    """One row per model × defense × eps: the group's best finished trial by ``rank_by``; returns (columns, rows)."""
+    experiment = find_experiment(client, experiment_name)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'")
     if not runs:
         raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
@@ -74,10 +91,8 @@ def main() -> int:
     parser.add_argument("--csv", help="also write the table as CSV here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args()
-    uri = args.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow database at {Path(uri.removeprefix('sqlite:///')).resolve()}: run a sweep here first or pass --tracking-uri")
-    columns, rows = comparison_rows(MlflowClient(uri), args.experiment, args.rank_by)
+    check_tracking_store(args.tracking_uri)
+    columns, rows = comparison_rows(MlflowClient(args.tracking_uri), args.experiment, args.rank_by)
     text = markdown(columns, rows)
     print(text)
     if args.markdown:

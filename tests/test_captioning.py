@@ -71,3 +71,35 @@ def test_an_attack_needs_a_retrieval_surrogate(blip_captioner):
         evaluate_captioning(blip_captioner, SyntheticWorld("test", 1, image_size=32), attack="pgd")
     with pytest.raises(UserError, match="no text encoder"):
         blip_captioner.encode_text(["a caption"])
+
+
+def test_the_captioning_command_scores_clean_and_transfer_and_writes_json(tmp_path, random_tiny_clip_weights):
+    from platform.evaluate_captions import main
+
+    captioner = write_blip_dir(tmp_path / "cap", BlipForConditionalGeneration)
+    output = tmp_path / "captions.json"
+    assert main(["--model", f"hf-blip-cap:{captioner}", "--data", "synthetic:test,n=2", "--attack", "pgd", "--eps", "2/255",
+                 "--surrogate", f"tiny-clip@{random_tiny_clip_weights}", "--num-beams", "1", "--max-length", "8",
+                 "--min-length", "1", "--output", str(output), "--no-progress"]) == 0
+    result = __import__("json").loads(output.read_text())
+    assert result["threat"] == f"transfer:tiny-clip@{random_tiny_clip_weights}"
+    assert {"clean/cider", "clean/bleu4", "pgd/eps2/cider", "pgd/eps2/meteor"} <= set(result["metrics"])
+    assert any("SPICE" in note for note in result["notes"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--attack", "pgd"], "needs --surrogate"),
+    (["--surrogate", "tiny-clip"], "without --attack"),
+])
+def test_the_captioning_command_refuses_an_attack_without_a_surrogate_and_vice_versa(tmp_path, arguments, message):
+    from platform.evaluate_captions import main
+
+    with pytest.raises(UserError, match=message):
+        main(["--model", f"hf-blip-cap:{tmp_path}", "--data", "synthetic:test,n=2", *arguments])
+
+
+def test_the_captioning_command_refuses_a_retrieval_model():
+    from platform.evaluate_captions import main
+
+    with pytest.raises(UserError, match="not a captioning model"):
+        main(["--model", "tiny-clip", "--data", "synthetic:test,n=2"])

@@ -1,0 +1,159 @@
+"""What a report reads from MLflow: the sweeps (parent runs) and trials (child runs) of one experiment.
+
+Everything here is a record MLflow already holds: params and tags as logged,
+each metric's final value and per-epoch history, the checkpoint artifact's
+path. Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from platform.compare import GROUP_TAGS, find_experiment, recall_columns
+from platform.tracking import CHECKPOINT_ARTIFACT_DIR, FAILURE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from trainables.checkpoint import VISION_FILE
+from trainables.errors import UserError
+from trainables.names import CLEAN, LOSS_KEYS, train_metric
+
+MAX_RUNS = 5000  # one search page; far above any sweep this platform runs
+# The parameters the paper searches: always plotted when they vary, even across sweeps.
+PAPER_PARAMS = ("a", "b", "c", "N", "M", "eps", "lr")
+CLEAN_TR1 = f"{CLEAN}/tr1"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One sweep's parent run: its search space and objectives as the sweep logged them."""
+
+    run_id: str
+    sweep_id: str
+    space: dict[str, dict]  # key -> {"distribution": ..., "low"/"high" | "values" | "value"}
+    objectives: list[dict]  # [{"metric": "pgd/eps4/tr1", "mode": "max"}, ...]
+
+    def searched(self) -> list[str]:
+        """Keys the sweep actually searched (fixed values are not a search dimension)."""
+        return [k for k, d in self.space.items() if d.get("distribution") != "fixed"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial's child run: tags, params (as logged strings), final metrics and per-epoch histories."""
+
+    run_id: str
+    run_name: str
+    sweep_id: str
+    trial_id: str
+    status: str
+    model: str
+    defense: str
+    eps: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    checkpoint: str | None  # artifact URI of the robust encoder, None when the run has none
+    failure: str | None = None  # last line of why the trial failed (the error itself), as the sweep tagged it
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.model, self.defense
+
+
+@dataclass(frozen=True)
+class ExperimentRecords:
+    name: str
+    experiment_id: str
+    tracking_uri: str
+    sweeps: list[Sweep]
+    trials: list[Trial]
+
+    def sweep(self, sweep_id: str) -> Sweep | None:
+        return next((s for s in self.sweeps if s.sweep_id == sweep_id), None)
+
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.status == "FINISHED"]
+
+    def metric_names(self) -> set[str]:
+        return {name for t in self.trials for name in t.metrics}
+
+    def searched_params(self) -> list[str]:
+        """Searched keys of every sweep, plus any paper parameter whose value differs between trials."""
+        keys = [k for s in self.sweeps for k in s.searched()]
+        keys += [k for k in PAPER_PARAMS if len({t.params.get(k) for t in self.trials if k in t.params}) > 1]
+        return list(dict.fromkeys(keys))
+
+
+def curve_metrics(metric_names: set[str]) -> tuple[list[str], list[str]]:
+    """(loss terms, eval recall@1 columns) present among ``metric_names``, in a fixed order."""
+    losses = [train_metric(k) for k in LOSS_KEYS if train_metric(k) in metric_names]
+    return losses, recall_columns(metric_names)
+
+
+def load_records(client: MlflowClient, experiment_name: str, tracking_uri: str) -> ExperimentRecords:
+    """Every sweep and trial run of an experiment, or a UserError saying why there is nothing to report."""
+    experiment = find_experiment(client, experiment_name)
+    ids = [experiment.experiment_id]
+    parents = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = 'trial'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise UserError(f"experiment {experiment_name!r} has no trial runs: run a sweep into it first "
+                        f"(python -m platform.sweep --space search_spaces/abc.yaml) or pass the --experiment that holds one")
+    sweeps = [_sweep(run) for run in parents]
+    trials = [_trial(client, run) for run in runs]
+    return ExperimentRecords(experiment_name, experiment.experiment_id, tracking_uri, sweeps, trials)
+
+
+def _sweep(run: Run) -> Sweep:
+    params = run.data.params
+    # Both params are JSON written by platform.sweep; a parent run from another tool simply has none.
+    space = json.loads(params["space"]) if "space" in params else {}
+    objectives = json.loads(params["objectives"]) if "objectives" in params else []
+    return Sweep(run.info.run_id, run.data.tags.get(SWEEP_TAG, run.info.run_name), space, objectives)
+
+
+def _trial(client: MlflowClient, run: Run) -> Trial:
+    tags = run.data.tags
+    losses, evals = curve_metrics(set(run.data.metrics))
+    history = {}
+    for key in [*losses, *evals]:
+        points = client.get_metric_history(run.info.run_id, key)
+        history[key] = sorted((int(m.step), float(m.value)) for m in points)
+    model, defense, eps = (tags.get(t, "?") for t in GROUP_TAGS)
+    return Trial(run.info.run_id, run.info.run_name or run.info.run_id, tags.get(SWEEP_TAG, "?"), tags.get(TRIAL_TAG, "?"),
+                 run.info.status, model, defense, eps, dict(run.data.params), dict(run.data.metrics),
+                 _checkpoint_uri(client, run), _last_line(tags.get(FAILURE_TAG)), history)
+
+
+def _last_line(text: str | None) -> str | None:
+    # The tag holds the tail of an error report; its last line is the error itself.
+    return text.strip().splitlines()[-1][:300] if text and text.strip() else None
+
+
+def _checkpoint_uri(client: MlflowClient, run: Run) -> str | None:
+    # The weights are uploaded when a trial completes; a failed or running trial has none to point to.
+    names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR)}
+    if VISION_FILE not in names:
+        return None
+    return f"{run.info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}/{VISION_FILE}"
+
+
+def default_objective(records: ExperimentRecords) -> str | None:
+    """The robust recall the report plots: the sweeps' first robust objective, else the last robust TR@1 column."""
+    for sweep in records.sweeps:
+        for objective in sweep.objectives:
+            if not objective["metric"].startswith(f"{CLEAN}/"):
+                return objective["metric"]  # even before any trial recorded it: the page then says so
+    robust = [c for c in recall_columns(records.metric_names()) if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
+    return robust[-1] if robust else None
+
+
+def objective_mode(records: ExperimentRecords, metric: str) -> str:
+    """``max`` or ``min`` as a sweep declared it for ``metric``; recall is higher-is-better otherwise."""
+    for sweep in records.sweeps:
+        for objective in sweep.objectives:
+            if objective["metric"] == metric:
+                return objective.get("mode", "max")
+    return "max"

@@ -1,0 +1,313 @@
+"""Dashboards: one self-contained HTML report read from a real tiny sweep's MLflow store, viewed in headless Chromium."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import REPO_ROOT
+from dashboards.figures import COLOURS, pareto_front
+from dashboards.importance import distributions, param_value, sweep_importances
+from dashboards.records import Sweep, Trial
+from dashboards.report import build_report
+from platform.compare import check_tracking_store
+from platform.sweep import run_sweep
+from platform.sweep_spec import parse_sweep_spec
+from platform.tracking import FAILURE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from trainables.errors import UserError
+
+EXPERIMENT = "dash"
+OBJECTIVE = "pgd/eps4/tr1"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- pure parts (fast)
+
+def make_trial(trial_id: str, params: dict[str, str], value: float, status: str = "FINISHED") -> Trial:
+    return Trial(run_id=f"run-{trial_id}", run_name=trial_id, sweep_id="s", trial_id=trial_id, status=status, model="tiny-clip",
+                 defense="mava", eps="4/255", params=params, metrics={OBJECTIVE: value, "clean/tr1": 50.0}, checkpoint=None)
+
+
+SPACE = {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}, "N": {"distribution": "int", "low": 1, "high": 3},
+         "eps": {"distribution": "choice", "values": [2 / 255, 4 / 255]}, "M": {"distribution": "fixed", "value": 2}}
+
+
+def test_the_pareto_front_keeps_exactly_the_undominated_trials():
+    points = [(10.0, 1.0), (8.0, 3.0), (9.0, 0.5), (5.0, 3.0), (8.0, 3.0)]
+    assert [points[i] for i in pareto_front(points)] == [(8.0, 3.0), (8.0, 3.0), (10.0, 1.0)]
+
+
+def test_logged_param_strings_map_back_onto_the_sweep_space():
+    dists = distributions(SPACE)
+    assert "M" not in dists  # fixed keys are not a search dimension
+    assert param_value(str(4 / 255), dists["eps"]) == 4 / 255
+    assert param_value("2", dists["N"]) == 2 and param_value("0.01", dists["a"]) == 0.01
+    assert param_value("0.5", dists["a"]) is None and param_value(str(3 / 255), dists["eps"]) is None
+
+
+def test_importances_single_out_the_param_that_drives_the_objective():
+    trials = [make_trial(f"t{i}", {"a": str(a), "N": str(n), "eps": str(e / 255)}, value=1000 * a)
+              for i, (a, n, e) in enumerate([(0.001, 1, 2), (0.003, 3, 4), (0.01, 1, 4), (0.03, 2, 2), (0.06, 3, 2), (0.1, 2, 4)])]
+    result = sweep_importances(Sweep("r", "s", SPACE, []), trials, OBJECTIVE)
+    assert result.reason is None and result.trials == 6
+    assert set(result.values) == {"a", "N", "eps"} and max(result.values, key=result.values.get) == "a"
+
+
+@pytest.mark.parametrize("values, statuses, reason", [
+    ([5.0], ["FINISHED"], "need at least 2"),
+    ([5.0, 5.0, 5.0], ["FINISHED"] * 3, "constant objective"),
+    ([5.0, 9.0], ["FINISHED", "FAILED"], "need at least 2"),  # a failed run is not a completed Optuna trial
+])
+def test_importances_say_why_they_are_not_shown(values, statuses, reason):
+    trials = [make_trial(f"t{i}", {"a": str(0.001 * (i + 1)), "N": "1", "eps": str(2 / 255)}, v, s)
+              for i, (v, s) in enumerate(zip(values, statuses))]
+    result = sweep_importances(Sweep("r", "s", SPACE, []), trials, OBJECTIVE)
+    assert result.values == {} and reason in result.reason
+
+
+def test_a_trial_outside_the_space_is_left_out_with_a_note():
+    trials = [make_trial("in1", {"a": "0.01", "N": "1", "eps": str(2 / 255)}, 1.0),
+              make_trial("out", {"a": "0.5", "N": "1", "eps": str(2 / 255)}, 2.0)]
+    result = sweep_importances(Sweep("r", "s", SPACE, []), trials, OBJECTIVE)
+    assert result.trials == 1 and "need at least 2" in result.reason
+    assert result.notes == ["trial out left out: a=0.5 outside the space"]
+
+
+def test_a_sweep_whose_trials_all_failed_gets_a_report_that_says_why(tmp_path):
+    # Records written with the tags and params platform.tracking gives a sweep whose only trial failed.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("failing", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, tags={ROLE_TAG: "sweep", SWEEP_TAG: "failing-1"})
+    client.log_param(parent.info.run_id, "space", json.dumps({"a": SPACE["a"]}))
+    client.log_param(parent.info.run_id, "objectives", json.dumps([{"metric": OBJECTIVE, "mode": "max"}]))
+    run = client.create_run(experiment_id, tags={ROLE_TAG: "trial", SWEEP_TAG: "failing-1", TRIAL_TAG: "t1", "mava.defense": "mava",
+                                                 FAILURE_TAG: "Traceback ...\nNonFiniteLossError: the loss became NaN at epoch 1"})
+    client.log_param(run.info.run_id, "a", "0.01")
+    client.log_metric(run.info.run_id, "train/l_cms", 0.9, step=1)
+    client.set_terminated(run.info.run_id, status="FAILED")
+
+    report = build_report(client, "failing", uri, tmp_path / "r.html")
+    text = report.html_path.read_text()
+    assert "no trial has finished yet" in text and "importances not shown: 0 completed trial(s)" in text
+    assert run.info.run_id in text and "(none: failed: NonFiniteLossError: the loss became NaN at epoch 1)" in text
+    assert [p.name for p in report.figure_paths] == [f"curves-{run.info.run_id}.png"]  # the curve it did record
+
+
+def test_dashboards_only_read_mlflow():
+    """Every MLflow call in dashboards/ (and in the compare rows it reuses) is one of the client's read calls."""
+    reads = {"get_experiment_by_name", "search_experiments", "search_runs", "get_run", "get_metric_history", "list_artifacts"}
+    seen: set[str] = set()
+    for path in [*sorted((REPO_ROOT / "dashboards").glob("*.py")), REPO_ROOT / "platform" / "compare.py"]:
+        calls = {n.func.attr for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                 and n.func.value.id in {"client", "mlflow", "MlflowClient"}}
+        assert calls <= reads, f"{path.name} calls {sorted(calls - reads)} on MLflow"
+        seen |= calls
+    assert {"search_runs", "get_metric_history"} <= seen  # the scan does see the client calls
+
+
+# ---------------------------------------------------------------- end to end on a real sweep (slow)
+
+@pytest.fixture(scope="module")
+def sweep_store(ray_session, random_tiny_clip_weights, tmp_path_factory) -> dict:
+    """A real 2-trial, 2-epoch MAVA sweep on random tiny-CLIP weights, recorded in its own MLflow store."""
+    root = tmp_path_factory.mktemp("dash-sweep")
+    data = {
+        "experiment": {"name": EXPERIMENT, "model": f"tiny-clip@{random_tiny_clip_weights}", "train_data": "synthetic:train,n=12",
+                       "eval_data": "synthetic:test,n=6", "epochs": 2, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
+                       "options": {"M": 2}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        "search": {"algorithm": "tpe", "num_trials": 2, "seed": 0, "objectives": [{"metric": OBJECTIVE, "mode": "max"}]},
+        "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}, "N": {"distribution": "int", "low": 1, "high": 2}},
+        "tracking": {"artifact_location": str(root / "artifacts"), "register_best": False},
+    }
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = run_sweep(parse_sweep_spec(data, "dash.yaml"), tracking_uri=uri, storage_path=str(root / "ray"))
+    assert [r["status"] for r in summary["rows"]] == ["OK", "OK"], summary["rows"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    trials = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+    return {"uri": uri, "client": client, "trials": trials, "root": root}
+
+
+def report_command(uri: str, experiment: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dashboards.report", "--experiment", experiment, "--tracking-uri", uri, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def report(sweep_store) -> dict:
+    out = sweep_store["root"] / "site" / "report.html"
+    result = subprocess.run(report_command(sweep_store["uri"], EXPERIMENT, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return {**sweep_store, "out": out, "html": out.read_text(encoding="utf-8"), "files": sorted((out.parent / "report_files").glob("*.png"))}
+
+
+class Tables(HTMLParser):
+    """Cells of each ``<table class=...>``: {class: [[(text, attrs), ...] per row]}."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
+        self._table = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("class", ""), [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag == "td" and self._table is not None:
+            self._cell = ["", attrs]
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._table[-1].append(tuple(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+
+def tables_of(html: str) -> dict:
+    parser = Tables()
+    parser.feed(html)
+    return parser.tables
+
+
+@pytest.mark.slow
+def test_the_report_names_every_trial_with_its_run_id_and_checkpoint(report):
+    assert len(report["trials"]) == 2
+    for run in report["trials"]:
+        checkpoint = f"{run.info.artifact_uri}/checkpoint/vision.safetensors"
+        assert run.info.run_id in report["html"] and checkpoint in report["html"]
+        assert Path(checkpoint.removeprefix("file://")).is_file()  # the path shown is the artifact MLflow holds
+    rows = [r for r in tables_of(report["html"])["trials"] if r]
+    assert sorted(cells[-2][0] for cells in rows) == sorted(r.info.run_id for r in report["trials"])
+
+
+@pytest.mark.slow
+def test_every_figure_is_embedded_as_png_and_written_beside_the_page(report):
+    embedded = [base64.b64decode(src) for src in re.findall(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report["html"])]
+    assert len(embedded) == report["html"].count("<img ")  # no image points anywhere else
+    on_disk = [path.read_bytes() for path in report["files"]]
+    assert all(png.startswith(PNG_MAGIC) for png in embedded + on_disk)
+    assert sorted(embedded) == sorted(on_disk)
+    names = {path.stem for path in report["files"]}
+    assert {"tradeoff", "params"} | {f"curves-{r.info.run_id}" for r in report["trials"]} <= names
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", report["html"]) and "<script" not in report["html"] and "<link" not in report["html"]
+
+
+@pytest.mark.slow
+def test_the_paper_table_shows_mlflow_values_and_bolds_the_best_of_each_column(report):
+    rows = [r for r in tables_of(report["html"])["paper"] if r]
+    assert rows
+    by_run = {r.info.run_id: r for r in report["trials"]}
+    best: dict[str, float] = {}
+    for cells in rows:
+        run = by_run[cells[-2][0]]  # the row's run_id column
+        for text, attrs in cells:
+            if "data-column" in attrs:
+                assert text == f"{run.data.metrics[attrs['data-column']]:.1f}"  # read from MLflow, not recomputed
+                best[attrs["data-column"]] = max(best.get(attrs["data-column"], float("-inf")), float(text))
+    assert {"clean/tr1", "clean/ir1", "pgd/eps4/tr1", "pgd/eps4/ir1"} <= set(best)
+    for cells in rows:
+        for text, attrs in cells:
+            if "data-column" in attrs:
+                assert ("best" in attrs.get("class", "")) == (float(text) == best[attrs["data-column"]])
+
+
+@pytest.mark.slow
+def test_importances_are_drawn_or_the_page_says_why_not(report):
+    values = [r.data.metrics[OBJECTIVE] for r in report["trials"]]
+    drawn = any(path.stem.startswith("importance-") for path in report["files"])
+    if len(set(values)) > 1:
+        assert drawn and "importances not shown" not in report["html"]
+    else:
+        assert not drawn and "importances not shown" in report["html"] and "constant objective" in report["html"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed with apt-get when missing (CI runs as root with Debian mirrors)."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed and installing it needs root: run apt-get install -y chromium")
+    result = subprocess.run("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium", shell=True,
+                            capture_output=True, text=True, timeout=1800)
+    found = shutil.which("chromium")
+    if result.returncode != 0 or not found:
+        pytest.fail(f"could not install chromium (apt-get exit code {result.returncode}); install it with "
+                    f"`apt-get update && apt-get install -y chromium`:\n{(result.stdout + result.stderr)[-2000:]}")
+    return found
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    # A private profile: concurrent Chromium runs on one machine otherwise fight over the default one.
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_headless_chromium(report, chromium, tmp_path):
+    url = report["out"].resolve().as_uri()
+    dom = run_chromium(chromium, tmp_path / "profile", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<table class="paper">' in dom.stdout and '<table class="trials">' in dom.stdout
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom.stdout)) == len(report["files"])
+    shot = tmp_path / "shot.png"
+    result = run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,3000", url)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 3000)
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 100  # text, tables and plots, not a blank page
+    blue = np.array([int(COLOURS[0][i:i + 2], 16) for i in (1, 3, 5)])  # the plots' first colour: the PNGs were decoded and drawn
+    near_blue = (np.abs(np.asarray(image, dtype=int) - blue) <= 12).all(axis=-1)
+    assert near_blue.sum() > 200
+
+
+def test_a_missing_sqlite_store_is_a_user_error_and_is_not_created(tmp_path):
+    absent = tmp_path / "absent.db"
+    with pytest.raises(UserError, match="no MLflow database at .*absent.db: run a sweep here first or pass --tracking-uri"):
+        check_tracking_store(f"sqlite:///{absent}")
+    assert not absent.exists()  # MLflow would have created an empty store; a report never does
+
+
+@pytest.mark.slow
+def test_an_empty_or_missing_experiment_exits_2_with_one_message_and_no_traceback(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("empty", artifact_location=str(tmp_path / "artifacts"))
+    cases = {
+        "empty": ("empty", ("experiment 'empty' has no trial runs", "run a sweep into it first")),
+        "missing": ("nope", ("no MLflow experiment named 'nope'", "existing experiments:", "empty", "pass one of them as --experiment")),
+    }
+    # Started together: each run pays the same interpreter and import start-up, and two cores overlap them.
+    running = {name: subprocess.Popen(report_command(uri, experiment, tmp_path / f"{name}.html"), cwd=REPO_ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, (experiment, _) in cases.items()}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (name, stdout, stderr)
+        assert "Traceback" not in stdout + stderr, (name, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and all(part in errors[0] for part in cases[name][1]), (name, stderr)
+        assert not (tmp_path / f"{name}.html").exists()
