@@ -64,3 +64,14 @@ def synthetic_test_set():
     from trainables.data.synthetic import SyntheticWorld
 
     return SyntheticWorld("test", 100, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting Ray costs seconds; tests share it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()

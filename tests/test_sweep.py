@@ -33,16 +33,6 @@ def tiny_sweep(weights, name: str, **search) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def trial_runs(client, experiment_name):
     experiment = client.get_experiment_by_name(experiment_name)
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
