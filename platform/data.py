@@ -44,7 +44,7 @@ def convert(args: argparse.Namespace) -> int:
         records = read_karpathy(args.karpathy.resolve(), args.images.resolve(), args.split)
     else:
         if args.split:
-            raise UserError("--split applies to --karpathy only: a captions JSON file is already one split")
+            raise UserError("--split applies to --karpathy only: a captions JSON file is already one split; drop --split")
         records = read_captions_json(args.captions_json.resolve(), args.images.resolve())
     shards = write_parquet_shards(records, args.out.resolve(), args.shard_size, args.row_group_size,
                                   total=len(records), progress=not args.no_progress)

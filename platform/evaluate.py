@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,11 +104,30 @@ def vision_weights_path(checkpoint: str) -> Path:
 
 
 def load_evaluated_model(spec: ModelSpec, weights: Path | None, device: torch.device):
-    """``load_model(spec)`` with vision weights (if any) loaded strictly into ``model.vision``."""
+    """``load_model(spec)`` with vision weights (if any) loaded strictly into ``model.vision``.
+
+    ``read_state_dict`` checks the weights against the sha256 of a ``card.json`` beside them
+    (a published robust checkpoint), so a tampered or truncated file is refused before use.
+    """
     model = load_model(spec)
     if weights is not None:
         load_strict(model.vision, read_state_dict(weights), source=str(weights))
     return model.to(device).eval()
+
+
+def output_path(text: str) -> Path:
+    """The ``--output`` file, its folder created and writable now (not after minutes of attacks)."""
+    output = Path(text).expanduser().resolve()
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name, e.g. {output / 'results.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = output.parent / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output {output}: cannot write to {output.parent} ({error.strerror or error}): choose a writable path") from None
+    return output
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
     parse_data_spec(args.data)
+    output = output_path(args.output) if args.output else None
+    if args.mlm and not Path(args.mlm).expanduser().is_dir():
+        raise UserError(f"--mlm {args.mlm} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
@@ -168,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     for warning in dict.fromkeys(w for row in rows for w in row.warnings):
         print(f"warning: {warning}", file=sys.stderr)
-    if args.output:
-        output = Path(args.output).expanduser().resolve()
-        output.parent.mkdir(parents=True, exist_ok=True)
+    if output is not None:
         context = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "seed": args.seed}
         output.write_text(json.dumps([{**row.to_json(), **context} for row in rows], indent=2))
         print(f"wrote {output}", file=sys.stderr)

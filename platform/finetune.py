@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from platform.cli import parse_assignments, run_cli
+from trainables.attacks import ATTACKS
 from trainables.config import train_config_from
-from trainables.data import load_dataset
+from trainables.data import check_min_captions, load_dataset, parse_data_spec
+from trainables.errors import UserError
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
-from trainables.models import load_model
+from trainables.models import load_model, parse_model_spec
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
 from trainables.train import run_training
 
@@ -46,13 +49,38 @@ def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | No
     return "\n".join(lines)
 
 
-def main() -> int:
-    args = build_parser().parse_args()
-    config = train_config_from({"model": args.model, "defense": args.defense, "train_data": args.train_data,
-                                "eval_data": args.eval_data, "epochs": args.epochs, **parse_assignments(args.set, "--set")}, "command line")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def writable_folder(out: Path) -> Path:
+    """``--out``, created if needed; a UserError when it cannot hold checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the checkpoints and results.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write there ({error.strerror or error}): choose a writable folder") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = train_config_from({"model": args.model, "defense": args.defense, "train_data": args.train_data,
+                                    "eval_data": args.eval_data, "epochs": args.epochs, **parse_assignments(args.set, "--set")}, "command line")
+    except UserError as error:
+        raise UserError(f"{error}\nfix it on the command line (--defense, --epochs, --set KEY=VALUE); "
+                        "trainables/config.py documents every option") from None
+    # Every input is checked before the model loads: a typo costs no model load and no evaluation.
+    parse_model_spec(config.model)
+    parse_data_spec(config.train_data)
+    parse_data_spec(config.eval_data)
+    unknown = [name for name in config.eval_attacks if name not in ATTACKS]
+    if unknown:
+        raise UserError(f"--set eval_attacks: unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
+    out = writable_folder(Path(args.out).expanduser().resolve())
     model = load_model(config.model)
+    check_min_captions(load_dataset(config.train_data, model.image_size), config.M)
     eval_set = load_dataset(config.eval_data, model.image_size)
     settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, seed=config.seed)
     print(f"evaluating {config.model} as loaded on {config.eval_data} ...")

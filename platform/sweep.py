@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import ray
+import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -31,11 +35,13 @@ from trainables.ray_worker import run_trial, training_options
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.config import TrainConfig
 from trainables.errors import UserError
-from trainables.models import parse_model_spec
+from trainables.models import load_model, parse_model_spec
 from trainables.models.tiny_clip import ensure_pretrained
 
 # The Tune trial only launches and watches its Train run; its workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
+# Services this driver starts (Ray's dashboard) listen here unless --dashboard-host says otherwise.
+LOCAL_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,12 @@ class Locations:
 def resolve_locations(spec: SweepSpec, tracking_uri: str | None, storage_path: str | None) -> Locations:
     uri = tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     artifacts = spec.tracking.artifact_location
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-        artifacts = artifacts or "mlartifacts"  # the embedded store keeps artifacts beside the database
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()  # "sqlite:////abs/x.db" -> /abs/x.db
+        uri = "sqlite:///" + str(database)
+        # The embedded store keeps artifacts beside the database (MLflow's default, ./mlruns, would
+        # follow whatever directory the driver happens to run in).
+        artifacts = artifacts or str(database.parent / "mlartifacts")
     if artifacts and "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
     storage = storage_path or spec.storage.path
@@ -62,34 +71,87 @@ def resolve_locations(spec: SweepSpec, tracking_uri: str | None, storage_path: s
 
 def check_locations(locations: Locations) -> None:
     """Fail before any compute if results could not be written or the tracking server is unreachable."""
-    local_dirs = [locations.storage_path] if "://" not in locations.storage_path else []
-    if locations.artifact_location and locations.artifact_location.startswith("file://"):
-        local_dirs.append(locations.artifact_location.removeprefix("file://"))
-    for directory in local_dirs:
-        path = Path(directory)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as error:
-            raise UserError(f"cannot write to {path} ({error.strerror}): choose a writable --storage-path / tracking.artifact_location") from None
+    local_dirs = []  # (what the user changes, the folder); the database first: its artifacts default to beside it
     if locations.tracking_uri.startswith("sqlite:///"):
-        Path(locations.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        local_dirs.append(("--tracking-uri / tracking.uri (the SQLite file's folder)", str(Path(locations.tracking_uri.removeprefix("sqlite:///")).parent)))
+    if locations.artifact_location and locations.artifact_location.startswith("file://"):
+        local_dirs.append(("tracking.artifact_location", url2pathname(urlparse(locations.artifact_location).path)))
+    if "://" not in locations.storage_path:
+        local_dirs.append(("--storage-path / storage.path", locations.storage_path))
+    for option, directory in local_dirs:
+        check_writable(Path(directory), option)
+    check_tracking_server(locations.tracking_uri)
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Create ``path`` if needed and write a probe file into it; a UserError names the option to change."""
     try:
-        MlflowClient(locations.tracking_uri).search_experiments(max_results=1)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {path} ({error.strerror or error}): choose a writable {option}") from None
+
+
+# While checking the tracking server: one quick try instead of MLflow's default minutes of retries.
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def check_tracking_server(uri: str) -> None:
+    """One cheap request to the tracking store; a UserError (within seconds) when it does not answer."""
+    saved = {key: os.environ.get(key) for key in _PROBE_ENV}
+    os.environ.update(_PROBE_ENV)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # any failure here means no tracking: say so before training starts
-        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise UserError(f"MLflow tracking at {locations.tracking_uri} is unreachable ({first_line}): start the server or fix --tracking-uri") from None
+        raise UserError(f"MLflow tracking at {uri} is unreachable ({_short_reason(error)}): start the tracking server "
+                        "(mlflow server ...) or fix --tracking-uri / tracking.uri") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _short_reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    errno = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    return text[:300] if text else type(error).__name__
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """On a local run, one trial must fit this machine; otherwise Ray would wait for resources forever."""
+    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        return  # a cluster: the autoscaler may add nodes, and Tune reports trials waiting for resources
+    if ray.is_initialized():
+        available = ray.cluster_resources()
+        cpus, gpus, where = available.get("CPU", 0), available.get("GPU", 0), "the Ray cluster"
+    else:
+        cpus, gpus, where = os.cpu_count() or 1, torch.cuda.device_count(), "this machine"
+    r = spec.resources
+    need_cpus = r.workers_per_trial * r.cpus_per_worker + TRIAL_DRIVER_CPUS
+    need_gpus = r.workers_per_trial * r.gpus_per_worker
+    if need_gpus > gpus:
+        raise UserError(f"resources: a trial needs {need_gpus:g} GPUs (workers_per_trial {r.workers_per_trial} x gpus_per_worker "
+                        f"{r.gpus_per_worker:g}) but {where} has {gpus:g}: set resources.gpus_per_worker to 0 (CPU) or run on a GPU machine")
+    if need_cpus > cpus:
+        raise UserError(f"resources: a trial needs {need_cpus:g} CPUs (workers_per_trial {r.workers_per_trial} x cpus_per_worker "
+                        f"{r.cpus_per_worker:g}) but {where} has {cpus:g}: lower resources.cpus_per_worker or workers_per_trial")
 
 
 def check_inputs(spec: SweepSpec) -> None:
-    """Model and data specs are valid and every image has as many captions as the largest M searched."""
+    """Model and data specs are valid, data loads, and every image has as many captions as the largest M searched."""
     base = spec.base_training_options()
     parse_model_spec(base["model"])
     for key in ("train_data", "eval_data"):
         parse_data_spec(base[key])
     check_min_captions(load_dataset(base["train_data"], image_size=32), largest_m(spec))
+    if parse_data_spec(base["eval_data"]).kind != "synthetic":  # a real dataset: its files must be there too
+        load_dataset(base["eval_data"], image_size=32)
 
 
 def largest_m(spec: SweepSpec) -> int:
@@ -104,6 +166,25 @@ def largest_m(spec: SweepSpec) -> int:
     return int(spec.base_training_options().get("M", TrainConfig.model_fields["M"].default))
 
 
+def check_model_loads(spec: SweepSpec) -> None:
+    """Load the model once in the driver: a corrupt, tampered or mismatched weights file fails here, not in every trial."""
+    load_model(spec.experiment.model)
+
+
+def resolve_sweep_id(spec: SweepSpec, storage_path: str, resume: str | bool) -> str:
+    """A new sweep id, or the one to resume (the latest of this experiment, or the one named), checked to exist."""
+    if not resume:
+        return new_sweep_id(spec)
+    if resume is True:
+        return latest_sweep_id(spec, storage_path)
+    path = Path(storage_path) / resume
+    if not tune.Tuner.can_restore(str(path)):
+        found = sorted(p.name for p in Path(storage_path).glob(f"{spec.experiment.name}-*[0-9]") if tune.Tuner.can_restore(str(p)))
+        raise UserError(f"--resume {resume}: no sweep of that id under {storage_path} (resumable: {', '.join(found) or 'none'}): "
+                        "pass one of those ids, or --resume alone for the latest")
+    return resume
+
+
 def new_sweep_id(spec: SweepSpec) -> str:
     return f"{spec.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -116,13 +197,14 @@ def latest_sweep_id(spec: SweepSpec, storage_path: str) -> str:
     return candidates[-1].name
 
 
-def init_ray() -> None:
+def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
+    """Attach to the job's cluster, or start a local Ray whose dashboard listens on ``dashboard_host`` (loopback by default)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # `ray job submit`: attach to the cluster the job runs on
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=True)
+        ray.init(dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
 
 
 def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool) -> tune.Tuner:
@@ -193,17 +275,21 @@ def _cell(value) -> str:
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: str | None = None, resume: str | bool = False,
-              source: str = "") -> dict:
-    """Run (or resume) a sweep; returns a summary with the parent run id, trial rows and the Pareto front."""
+              source: str = "", dashboard_host: str = LOCAL_HOST) -> dict:
+    """Run (or resume) a sweep; returns a summary with the parent run id, trial rows and the Pareto front.
+
+    Every check that can fail on the user's input runs first, cheapest first, before any
+    MLflow run is created or Ray is started: locations, resources, specs and data, the
+    sweep to resume, then the model (pretraining tiny-clip once if needed).
+    """
     locations = resolve_locations(spec, tracking_uri, storage_path)
     check_locations(locations)
+    check_resources(spec)
     check_inputs(spec)
+    sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
     if spec.experiment.model == "tiny-clip":
         ensure_pretrained()  # once, in the driver, before trials start (they would race to pretrain)
-    if resume:
-        sweep_id = resume if isinstance(resume, str) else latest_sweep_id(spec, locations.storage_path)
-    else:
-        sweep_id = new_sweep_id(spec)
+    check_model_loads(spec)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
     parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, {
@@ -214,7 +300,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     }, tags={"mava.model": spec.experiment.model, "mava.defense": spec.experiment.defense})
     family = "clip" if "clip" in spec.experiment.model else spec.experiment.model.split(":")[0]
     tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id, family)
-    init_ray()
+    init_ray(dashboard_host)
     started = time.perf_counter()
     results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
     wall_seconds = time.perf_counter() - started
@@ -265,13 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key of the sweep file, e.g. --set experiment.model=open_clip:ViT-B-16@/w/vit-b-16.pt")
     parser.add_argument("--summary-json", help="also write the summary (trial table, Pareto front, run ids) to this file")
+    parser.add_argument("--dashboard-host", default=LOCAL_HOST,
+                        help=f"address the local Ray dashboard listens on (default {LOCAL_HOST}: this machine only; 0.0.0.0 exposes it)")
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     spec = load_sweep_spec(args.space, parse_assignments(args.set, "--set"))
-    summary = run_sweep(spec, args.tracking_uri, args.storage_path, args.resume, source=str(Path(args.space).resolve()))
+    if args.summary_json:
+        check_writable(Path(args.summary_json).expanduser().resolve().parent, "--summary-json folder")
+    summary = run_sweep(spec, args.tracking_uri, args.storage_path, args.resume, source=str(Path(args.space).resolve()),
+                        dashboard_host=args.dashboard_host)
     if summary["interrupted"]:
         print(f"\nsweep {summary['sweep_id']} was interrupted; finished trials are kept in MLflow. Continue it with:\n"
               f"  python -m platform.sweep --space {args.space} --resume {summary['sweep_id']}")

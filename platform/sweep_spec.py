@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainables.attacks import ATTACKS
 from trainables.config import TrainConfig, describe_validation_error, parse_eps, train_config_from
 from trainables.errors import UserError
 from trainables.names import CLEAN, RECALL_KEYS, metric_name
@@ -50,6 +51,14 @@ class Experiment(Strict):
     @classmethod
     def _eps(cls, value: object) -> list[float]:
         return [parse_eps(v) for v in (value if isinstance(value, list) else [value])]
+
+    @field_validator("eval_attacks")
+    @classmethod
+    def _attacks(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
+        return value
 
 
 class Resources(Strict):
@@ -125,7 +134,7 @@ Distribution = Annotated[Union[Uniform, LogUniform, IntRange, Choice, Fixed], Fi
 class Tracking(Strict):
     uri: str | None = None  # default: sqlite:///<cwd>/mlflow.db (embedded); e.g. http://mlflow:5000
     experiment: str | None = None  # MLflow experiment; default: experiment.name
-    artifact_location: str | None = None  # default: <cwd>/mlartifacts for the embedded store
+    artifact_location: str | None = None  # default: mlartifacts/ beside the SQLite database of the embedded store
     register_best: bool = True
 
 
@@ -245,23 +254,55 @@ def _normalize_eps_values(data: dict) -> dict:
     return data
 
 
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model of the section at ``loc`` (e.g. ``("experiment",)`` -> Experiment), if it is one."""
+    model: type[BaseModel] = SweepSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def describe_sweep_error(error: ValidationError, source: str) -> str:
+    """One line per bad key (as describe_validation_error); an unknown key also lists the keys its section takes."""
+    lines = describe_validation_error(error, source).splitlines()
+    for index, problem in enumerate(error.errors()):
+        if problem["type"] == "extra_forbidden" and index < len(lines):
+            section = _section_model(tuple(problem["loc"][:-1]))
+            if section is not None:
+                lines[index] += f": remove it, or use one of {', '.join(section.model_fields)}"
+    return "\n".join(lines)
+
+
+FIX_HINT = "fix it in {source}, or override a key with --set SECTION.KEY=VALUE (README.md, 'The sweep file', lists every key)"
+
+
 def parse_sweep_spec(data: object, source: str) -> SweepSpec:
-    """Validate a parsed YAML document; every mistake becomes one line of a UserError."""
+    """Validate a parsed YAML document; every mistake becomes one line of a UserError, then how to fix it."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: the sweep file must be a mapping with sections experiment, search, space, ... (got {type(data).__name__})")
+        raise UserError(f"{source}: the sweep file must be a mapping with sections experiment, search, space, ... "
+                        f"(got {type(data).__name__}): write it like search_spaces/abc.yaml")
     try:
-        spec = SweepSpec(**_normalize_eps_values(data))
-    except ValidationError as error:
-        raise UserError(describe_validation_error(error, source)) from None
-    options = spec.base_training_options()
-    train_config_from(options, f"{source}: experiment")  # e.g. an unknown defense or option name
-    _check_space(spec)
-    _check_objectives(spec)
+        try:
+            spec = SweepSpec(**_normalize_eps_values(data))
+        except ValidationError as error:
+            raise UserError(describe_sweep_error(error, source)) from None
+        options = spec.base_training_options()
+        train_config_from(options, f"{source}: experiment")  # e.g. an unknown defense or option name
+        _check_space(spec)
+        _check_objectives(spec)
+    except UserError as error:
+        raise UserError(f"{error}\n{FIX_HINT.format(source=source)}") from None
     return spec
 
 
 def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
     """``{"experiment.model": "open_clip:ViT-B-16@/w.pt"}`` -> set that key in the document (values parsed as YAML)."""
+    if not isinstance(data, dict):
+        return data  # not a mapping: parse_sweep_spec says so
     for dotted, raw in overrides.items():
         *parents, leaf = dotted.split(".")
         node = data
@@ -269,17 +310,27 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {dotted}: '{part}' is not a section of the sweep file")
-        node[leaf] = yaml.safe_load(raw) if raw else raw
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError as error:
+            raise UserError(f"--set {dotted}={raw}: the value is not valid YAML ({getattr(error, 'problem', None) or error}): "
+                            "quote it, e.g. --set 'experiment.model=\"...\"'") from None
     return data
 
 
 def load_sweep_spec(path: str | Path, overrides: dict[str, str] | None = None) -> SweepSpec:
     """Read, override and validate a sweep file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"sweep file {path} is a folder: pass a YAML file, e.g. --space search_spaces/abc.yaml")
     if not path.is_file():
         raise UserError(f"sweep file {path} does not exist: pass --space search_spaces/abc.yaml or another file in search_spaces/")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}): pass the YAML sweep file, not a binary file") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror or error}): check its permissions") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -35,8 +35,11 @@ ROLE_TAG = "mava.role"  # "sweep" or "trial"
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 CARD_FILE = "card.json"
+FAILURE_TAG = "mava.failure"  # why a trial failed (e.g. its loss became NaN), on its FAILED child run
+ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Environment variables whose values must never reach params, tags or artifacts.
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+REDACTED = "<redacted>"
 
 
 def sha256_of(path: Path) -> str:
@@ -47,10 +50,36 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def redact(values: dict[str, Any]) -> dict[str, Any]:
-    """Replace any value that equals a secret environment variable's value (tokens, keys) by ``<redacted>``."""
-    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 8}
-    return {k: ("<redacted>" if isinstance(v, str) and any(s in v for s in secrets) else v) for k, v in values.items()}
+def secret_values() -> list[str]:
+    """Values of environment variables that look like secrets (names with TOKEN, SECRET, KEY, ...), 8+ characters."""
+    values = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 8}
+    return sorted(values, key=len, reverse=True)  # longest first, so a secret containing another is replaced whole
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every secret environment variable's value replaced by ``<redacted>``."""
+    for secret in secret_values() if secrets is None else secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(values: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of ``values`` (dicts, lists, strings, nested) with secret values replaced by ``<redacted>``.
+
+    Everything the platform writes to MLflow (params, tags, the card) goes through this:
+    tracking tokens and cloud keys live in the environment of the driver and must never
+    reach a record that every user of the tracking server can read.
+    """
+    secrets = secret_values() if secrets is None else secrets
+    if not secrets:
+        return values
+    if isinstance(values, str):
+        return redact_text(values, secrets)
+    if isinstance(values, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in values.items()}
+    if isinstance(values, (list, tuple)):
+        return type(values)(redact(v, secrets) for v in values)
+    return values
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -71,14 +100,14 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id:
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(experiment_id, run_name=sweep_id, tags={SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", **tags})
+    run = client.create_run(experiment_id, run_name=redact_text(sweep_id), tags=redact({SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", **tags}))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    clean = redact(params)
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(clean.items())])
+    """Log params as strings, secrets redacted (after str(), so nested values are covered too)."""
+    client.log_batch(run_id, params=[Param(k, redact_text(str(v))[:6000]) for k, v in sorted(params.items())])
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -89,20 +118,33 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str, float], vision_path: Path) -> Path:
     """The small JSON card published beside the robust encoder weights."""
-    card = {
+    card = redact({
         "base_model": trial_params["model"],
         "defense": trial_params["defense"],
         "eps": trial_params["eps"],
         "eps_255": round(float(trial_params["eps"]) * 255, 3),
-        "hyperparameters": redact(trial_params),
+        "hyperparameters": trial_params,
         "metrics": metrics,
         "weights_file": VISION_FILE,
         "sha256": sha256_of(vision_path),
         "threat_model": "white-box (attacks computed on the fine-tuned model itself)",
-    }
+    })
     path = directory / CARD_FILE
     path.write_text(json.dumps(card, indent=2, default=str))
     return path
+
+
+def failure_reason(trial) -> str:
+    """The reason a trial failed: the last exception line of its Ray error file (e.g. ``TrialFailed: the mava loss became nan ...``)."""
+    error_file = getattr(trial, "error_file", None)
+    text = Path(error_file).read_text(errors="replace") if error_file and Path(error_file).is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # Ray writes "Failure # N (occurred at ...)" then the remote traceback; the exception line is the last "Name: message".
+    for line in reversed(lines):
+        name, sep, message = line.partition(": ")
+        if sep and name.replace(".", "").replace("_", "").isalnum() and name[:1].isupper():
+            return f"{name.rsplit('.', 1)[-1]}: {message}"
+    return lines[-1] if lines else f"trial failed; see error.txt under the Ray trial directory {getattr(trial, 'path', '')}"
 
 
 def trial_params(trial) -> dict[str, Any]:
@@ -124,6 +166,7 @@ class MlflowTrialTracker(Callback):
         self._last_epoch: dict[str, int] = {}
         self._last_checkpoint: dict[str, str] = {}
         self._last_metrics: dict[str, dict[str, float]] = {}
+        self._ended: set[str] = set()  # trials whose MLflow run has its final status
 
     @property
     def client(self) -> MlflowClient:
@@ -132,9 +175,15 @@ class MlflowTrialTracker(Callback):
         return self._client
 
     def __getstate__(self) -> dict:
+        # Tune pickles this callback with the experiment; a restored copy must re-read MLflow
+        # (the source of truth) instead of trusting per-trial caches from before the interruption.
         state = dict(self.__dict__)
-        state["_client"] = None
+        state.update(_client=None, _runs={}, _last_epoch={}, _last_checkpoint={}, _last_metrics={}, _ended=set())
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_ended", set())
+        self.__dict__.update(state)
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self._runs:
@@ -143,19 +192,23 @@ class MlflowTrialTracker(Callback):
         run_id = find_run(self.client, self.experiment_id, tags)
         if run_id is None:
             train = trial_params(trial)
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep_id}/{trial.trial_id}", tags={
+            run = self.client.create_run(self.experiment_id, run_name=redact_text(f"{self.sweep_id}/{trial.trial_id}"), tags=redact({
                 **tags, ROLE_TAG: "trial", PARENT_TAG: self.parent_run_id, "mava.model": train["model"],
                 "mava.model_family": self.family, "mava.defense": train["defense"],
                 "mava.eps": f"{round(float(train['eps']) * 255, 3):g}/255",
-            })
+            }))
             run_id = run.info.run_id
             log_params(self.client, run_id, train)
             self._last_epoch[trial.trial_id] = 0
         else:
-            # Resumed sweep: continue after the last epoch this run already holds.
+            # Resumed sweep or restarted trial: continue after the last epoch this run already holds.
             history = self.client.get_metric_history(run_id, EPOCH)
             self._last_epoch[trial.trial_id] = int(max((m.value for m in history), default=0))
-            self.client.update_run(run_id, status="RUNNING")
+            if self.client.get_run(run_id).info.status in ENDED_STATUSES:
+                # Its end (checkpoint, card, status) is recorded: a re-run after a crash changes nothing.
+                self._ended.add(trial.trial_id)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -168,8 +221,8 @@ class MlflowTrialTracker(Callback):
             self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
         metrics = numeric_metrics(result)
         epoch = int(result.get(EPOCH, 0))
-        if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0):
-            return  # a retried worker re-reporting an epoch that is already recorded
+        if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0) or trial.trial_id in self._ended:
+            return  # an epoch that is already recorded (a restarted worker replays its checkpoint's epoch)
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith("final/")] + [Metric(EPOCH, epoch, now, epoch)]
         self.client.log_batch(run_id, metrics=batch)
@@ -178,16 +231,21 @@ class MlflowTrialTracker(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        if trial.trial_id in self._ended:
+            return
         checkpoint = self._last_checkpoint.get(trial.trial_id)
         if checkpoint and (Path(checkpoint) / VISION_FILE).is_file():
             self.log_checkpoint(run_id, trial_params(trial), Path(checkpoint))
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+        self._ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        reason = (trial.error_msg or "trial failed; see the Ray trial's error.txt")[-4000:]
-        self.client.set_tag(run_id, "mava.failure", reason)
+        if trial.trial_id in self._ended:
+            return
+        self.client.set_tag(run_id, FAILURE_TAG, redact_text(failure_reason(trial))[-4000:])
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+        self._ended.add(trial.trial_id)
 
     def log_checkpoint(self, run_id: str, trial_params: dict[str, Any], checkpoint: Path) -> None:
         """Upload the robust encoder (safetensors) with its card under ``checkpoint/``."""

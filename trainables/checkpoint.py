@@ -48,13 +48,21 @@ def save_training_checkpoint(directory: Path, vision: nn.Module, optimizer: torc
     return directory
 
 
+def read_checkpoint_state(directory: Path) -> dict:
+    """The ``state.json`` of a checkpoint: ``{"epoch", "metrics", "config", ...}``."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {directory} has no {STATE_FILE}: it is incomplete; resume from an earlier checkpoint")
+    return json.loads(path.read_text())
+
+
 def load_training_checkpoint(directory: Path, vision: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore vision weights and optimiser state from ``directory``; returns the finished epoch."""
     for name in (VISION_FILE, OPTIMIZER_FILE, STATE_FILE):
         if not (directory / name).is_file():
             raise UserError(f"checkpoint {directory} has no {name}: it is incomplete; resume from an earlier checkpoint")
     load_strict(vision, load_file(str(directory / VISION_FILE)), source=str(directory / VISION_FILE))
-    state = json.loads((directory / STATE_FILE).read_text())
+    state = read_checkpoint_state(directory)
     tensors = load_file(str(directory / OPTIMIZER_FILE))
     slots: dict[int, dict] = {int(index): dict(values) for index, values in state["optimizer_scalars"].items()}
     for key, value in tensors.items():

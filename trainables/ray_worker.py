@@ -13,29 +13,46 @@ epoch.
 ``train_loop_per_worker`` runs on every Ray Train worker. It rebuilds the typed config from the plain dict
 Ray passes, resumes from Ray's latest checkpoint when the run is being retried
 or resumed, and forwards each epoch's metrics and checkpoint to ``ray.train.report``.
+A resumed worker first reports its checkpoint's epoch again (``REPLAYED_KEY`` = 1):
+if the driver died after Ray persisted that checkpoint but before the epoch reached
+MLflow, the epoch is recorded now instead of leaving a gap; the tracker ignores an
+epoch it already holds. Every result also says which epoch the worker started from
+(``RESUMED_FROM_KEY``, 0 for a fresh start).
 A NaN/inf loss is deterministic, so instead of failing (and being retried by
 Ray's failure handling) the worker reports it under ``NONFINITE_KEY`` and stops;
-the trial function turns that into a failed trial with the reason.
+the trial function turns that into a failed trial with the reason (which the
+MLflow tracker records as the ``mava.failure`` tag of the FAILED child run).
+A finished trial leaves its final result beside its checkpoints (``DONE_FILE``): if
+the sweep driver dies before Tune has saved that the trial ended, the resumed sweep
+reports that result again instead of training it twice.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
+from trainables.checkpoint import read_checkpoint_state
 from trainables.config import TrainConfig
 from trainables.errors import NonFiniteLossError
 from trainables.train import run_training
 
 NONFINITE_KEY = "error/nonfinite_loss"
+NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss
+DONE_FILE = "mava-trial-result.json"  # beside a finished Train run's checkpoints: its final result
 FINAL_PREFIX = "final/"
+# Bookkeeping keys (no '/', so the MLflow tracker never logs them as metrics).
+RESUMED_FROM_KEY = "resumed_from_epoch"
+REPLAYED_KEY = "replayed"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -43,16 +60,27 @@ def train_loop_per_worker(config: dict) -> None:
     train_config = TrainConfig(**config["train"])
     objectives = config["objectives"]
     scratch = Path(tempfile.mkdtemp(prefix="mava-ckpt-"))
+    resumed_from = 0
 
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None, replayed_from: str | None = None) -> None:
         # Objectives are reported under their own keys, NaN until the last epoch: a trial that a
         # scheduler stops early then reaches Optuna as failed, never as complete with partial values.
         last = metrics["epoch"] == train_config.epochs
-        metrics = {**metrics, **{FINAL_PREFIX + m: (metrics.get(m, math.nan) if last else math.nan) for m in objectives}}
+        metrics = {**metrics, **{FINAL_PREFIX + m: (metrics.get(m, math.nan) if last else math.nan) for m in objectives},
+                   RESUMED_FROM_KEY: resumed_from, REPLAYED_KEY: int(replayed_from is not None)}
+        if replayed_from is not None:  # where the replayed epoch's weights are, as TuneReportCallback says for new ones
+            metrics[CHECKPOINT_PATH_KEY] = replayed_from
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint_dir:  # Ray has persisted it to the run's storage; the local copy is no longer needed
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def report_nonfinite(reason: str) -> None:
+        # With a (marker) checkpoint: Ray Train's Result keeps only metrics that come with one.
+        marker = scratch / "nonfinite"
+        marker.mkdir(parents=True, exist_ok=True)
+        (marker / NONFINITE_FILE).write_text(json.dumps({"reason": reason}))
+        ray.train.report({NONFINITE_KEY: reason}, checkpoint=ray.train.Checkpoint.from_directory(str(marker)))
 
     try:
         latest = ray.train.get_checkpoint()
@@ -60,9 +88,15 @@ def train_loop_per_worker(config: dict) -> None:
             run_training(train_config, report, scratch)
         else:
             with latest.as_directory() as resume_dir:
+                if (Path(resume_dir) / NONFINITE_FILE).is_file():  # stopped by a NaN loss before an interruption: say so again
+                    report_nonfinite(json.loads((Path(resume_dir) / NONFINITE_FILE).read_text())["reason"])
+                    return
+                state = read_checkpoint_state(Path(resume_dir))
+                resumed_from = int(state["epoch"])
+                report(state["metrics"], None, replayed_from=latest.path)
                 run_training(train_config, report, scratch, resume_from=Path(resume_dir))
     except NonFiniteLossError as error:
-        ray.train.report({NONFINITE_KEY: str(error)})
+        report_nonfinite(str(error))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -84,6 +118,14 @@ def run_trial(config: dict) -> None:
     """Tune function trainable. ``config = {"train": fixed options, "sweep": run settings, <searched keys>}``."""
     sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
+    name = f"{sweep['sweep_id']}-train-{trial_id}"
+    done = f"{sweep['storage_path'].rstrip('/')}/{name}/{DONE_FILE}"
+    previous = _read_json(done)
+    if previous is not None:
+        # This trial finished before the sweep was interrupted, after Tune last saved its state:
+        # report its result again (Tune, Optuna and MLflow complete it) instead of restarting workers.
+        ray.tune.report({**previous, REPLAYED_KEY: 1})
+        return
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": training_options(config), "objectives": sweep["objectives"]},
@@ -93,7 +135,7 @@ def run_trial(config: dict) -> None:
             resources_per_worker={"CPU": sweep["cpus_per_worker"], **({"GPU": sweep["gpus_per_worker"]} if sweep["gpus_per_worker"] > 0 else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{sweep['sweep_id']}-train-{trial_id}",
+            name=name,
             storage_path=sweep["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
             callbacks=[TuneReportCallback()],
@@ -102,3 +144,22 @@ def run_trial(config: dict) -> None:
     result = trainer.fit()
     if result.metrics and NONFINITE_KEY in result.metrics:
         raise TrialFailed(result.metrics[NONFINITE_KEY])
+    final = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        final[CHECKPOINT_PATH_KEY] = result.checkpoint.path
+    _write_json(done, final)
+
+
+def _read_json(uri: str) -> dict | None:
+    """A small JSON file on the run's storage (a local path or a pyarrow-supported URI such as s3://), or None."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def _write_json(uri: str, values: dict) -> None:
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(values, default=str).encode())

@@ -46,6 +46,14 @@ def _schema_text(schema: pa.Schema) -> str:
     return ", ".join(f"{field.name}: {field.type}" for field in schema)
 
 
+def _open_shard(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"shard {path} is not a readable Parquet file ({type(error).__name__}: {error}): "
+                        "re-convert the dataset with `python -m platform.data convert`, or remove the file") from None
+
+
 def _check_schema(path: Path, schema: pa.Schema) -> None:
     # Names and types must match; field order and nullability do not matter.
     if {f.name: f.type for f in schema} != {f.name: f.type for f in SCHEMA}:
@@ -82,7 +90,7 @@ class ParquetImageCaptions(torch.utils.data.Dataset):
         self._group_starts: list[list[int]] = []
         first_shard: dict[str, Path] = {}
         for shard in self.shards:
-            parquet = pq.ParquetFile(shard)
+            parquet = _open_shard(shard)
             _check_schema(shard, parquet.schema_arrow)
             self._shard_starts.append(len(ids))
             starts, row = [], 0
@@ -90,7 +98,10 @@ class ParquetImageCaptions(torch.utils.data.Dataset):
                 starts.append(row)
                 row += parquet.metadata.row_group(group).num_rows
             self._group_starts.append(starts)
-            table = parquet.read(columns=["id", "captions"])
+            try:
+                table = parquet.read(columns=["id", "captions"])
+            except (pa.ArrowException, OSError) as error:
+                raise UserError(f"shard {shard} could not be read ({type(error).__name__}: {error}): re-convert the dataset") from None
             for item_id, item_captions in zip(table.column("id").to_pylist(), table.column("captions").to_pylist()):
                 if item_id is None or not item_captions:
                     raise UserError(f"shard {shard} has a row with no id or no captions (id {item_id!r}): re-convert the dataset")
@@ -192,14 +203,17 @@ def write_parquet_shards(records: Iterable[ImageRecord], out_dir: Path, shard_ro
     already hold shards (old and new shards would mix into one dataset).
     """
     if shard_rows < 1 or row_group_rows < 1:
-        raise UserError(f"shard size {shard_rows} and row group size {row_group_rows} must be at least 1")
+        raise UserError(f"shard size {shard_rows} and row group size {row_group_rows} must be at least 1: pass --shard-size and --row-group-size of 1 or more")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file: give a folder for the shards")
     existing = sorted(out_dir.glob("*.parquet")) if out_dir.is_dir() else []
     if existing:
         raise UserError(f"--out {out_dir} already holds {len(existing)} shards (e.g. {existing[0].name}): remove them or choose another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out_dir} cannot be created ({error.strerror or error}): choose a writable folder") from None
     shards: list[Path] = []
     rows: list[tuple[bytes, tuple[str, ...], str]] = []
     seen: set[str] = set()

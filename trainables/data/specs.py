@@ -230,7 +230,7 @@ def parse_data_spec(text: str) -> DataSpec:
         try:
             given[key] = option.check(value)
         except ValueError as reason:
-            raise UserError(f"bad value {key}='{value}' in data spec '{text}': {reason} ({key}: {option.help})") from None
+            raise UserError(f"bad value {key}='{value}' in data spec '{text}': {reason} ({key}: {option.help}); write e.g. {kind.example}") from None
 
     options = []
     for key, option in kind.options.items():

@@ -11,26 +11,14 @@ weights, so F_org (and therefore L_SCA and FARE's target) stays the original enc
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from trainables.checkpoint import VISION_FILE
 from trainables.errors import UserError
 from trainables.models.base import VLPModel
-from trainables.models.weights import load_strict, read_state_dict
+from trainables.models.weights import CARD_FILE, file_sha256, load_strict, read_state_dict, verify_card
 
-CARD_FILE = "card.json"
-_CHUNK_BYTES = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (encoders are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["CARD_FILE", "file_sha256", "load_robust_vision", "robust_vision_file", "verify_card"]
 
 
 def robust_vision_file(path: str | Path) -> Path:
@@ -48,29 +36,6 @@ def robust_vision_file(path: str | Path) -> Path:
     return path
 
 
-def verify_card(weights: Path) -> str | None:
-    """Check ``weights`` against the sha256 in the ``card.json`` beside it; returns the hash checked, or None without one."""
-    card_path = weights.parent / CARD_FILE
-    if not card_path.is_file():
-        return None
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"card {card_path} is not valid JSON ({error}): restore it, or remove it to skip the hash check") from None
-    if not isinstance(card, dict):
-        raise UserError(f"card {card_path} is not a JSON object: restore it, or remove it to skip the hash check")
-    if "sha256" not in card:
-        return None  # a card without a hash documents the run but cannot vouch for the file
-    expected = str(card["sha256"]).lower()
-    found = file_sha256(weights)
-    if found != expected:
-        raise UserError(
-            f"{weights} does not match the sha256 in {card_path} (card {expected}, file {found}): the file was "
-            "modified or truncated after the card was written; copy the checkpoint again from its source"
-        )
-    return found
-
-
 def load_robust_vision(model: VLPModel, path: str | Path) -> Path:
     """Load a fine-tuned vision checkpoint into ``model.vision`` strictly; returns the file loaded.
 
@@ -79,6 +44,6 @@ def load_robust_vision(model: VLPModel, path: str | Path) -> Path:
             not fit ``model.vision`` (the message names them, e.g. a checkpoint of another base model).
     """
     weights = robust_vision_file(path)
-    verify_card(weights)
+    # read_state_dict checks the card's sha256 (trainables.models.weights.verify_card) before reading.
     load_strict(model.vision, read_state_dict(weights), source=f"{weights} (into the vision encoder of {model.spec})")
     return weights

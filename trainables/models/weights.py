@@ -5,10 +5,17 @@ files (official releases) go through ``torch.load(weights_only=True)``, which
 refuses anything but tensors and plain containers. Loading into a model is
 strict: a key mismatch is reported by name instead of silently ignored (the
 MAVA reference code's ``strict=False`` hid exactly such bugs).
+
+If a JSON card ``card.json`` (written beside every published robust encoder, see
+``platform/tracking.py``) sits beside a weights file and records a ``sha256`` for
+it, the file must hash to that value before any tensor is read: a truncated or
+tampered file is refused with a message naming both hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -20,14 +27,62 @@ from torch import nn
 from trainables.errors import UserError
 
 LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *LEGACY_SUFFIXES)
+CARD_FILE = "card.json"
 _SHOWN_KEYS = 8
+_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (encoders are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_card(weights: Path) -> str | None:
+    """Check ``weights`` against the sha256 in the ``card.json`` beside it; returns the hash checked, or None.
+
+    A card vouches for the file it names in ``weights_file`` (any file when it names none);
+    without a card, or a card without ``sha256``, there is nothing to check.
+
+    Raises:
+        UserError: the card is unreadable, or the file does not hash to the card's sha256.
+    """
+    weights = Path(weights)
+    card_path = weights.parent / CARD_FILE
+    if not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"card {card_path} is not valid JSON ({error}): restore it, or remove it to skip the hash check") from None
+    if not isinstance(card, dict):
+        raise UserError(f"card {card_path} is not a JSON object: restore it, or remove it to skip the hash check")
+    if "sha256" not in card or card.get("weights_file", weights.name) != weights.name:
+        return None  # a card without a hash (or for another file) documents the run but cannot vouch for this file
+    expected = str(card["sha256"]).lower()
+    found = file_sha256(weights)
+    if found != expected:
+        raise UserError(
+            f"{weights} does not match the sha256 in {card_path} (card {expected}, file {found}): the file was "
+            "modified or truncated after the card was written; copy the checkpoint again from its source"
+        )
+    return found
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (safetensors, or a legacy torch file read with weights_only)."""
+    """Tensors of a weights file (safetensors, or a legacy torch file read with weights_only).
+
+    A ``card.json`` beside the file with a ``sha256`` is checked first (:func:`verify_card`).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist: check the path in the model spec (MODEL@/abs/path/to/weights)")
+    if path.suffix in WEIGHT_SUFFIXES:
+        verify_card(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

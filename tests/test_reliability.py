@@ -1,0 +1,478 @@
+"""Reliability: faults a sweep survives, checks that stop a doomed sweep before compute, safe checkpoints, no leaks.
+
+Each fault is real: a Ray Train worker process and a sweep driver are SIGKILLed, a
+trial's loss really becomes NaN (lr = 1e30), the tracking server really is not there,
+and a folder really cannot be created (it would sit below a regular file, which
+stops root too). Sweeps run on the embedded default with random tiny-CLIP weights and
+a tiny budget (synthetic data, n = 12).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from conftest import REPO_ROOT
+from platform.sweep import LOCAL_HOST, build_parser, run_sweep
+from platform.sweep_spec import parse_sweep_spec
+from platform.tracking import FAILURE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG, write_card
+from trainables.checkpoint import VISION_FILE
+from trainables.errors import UserError
+from trainables.models import load_model
+from trainables.models.robust_checkpoint import load_robust_vision
+from trainables.models.tiny_clip import build_tiny_clip
+from trainables.models.weights import read_state_dict
+from trainables.names import EPOCH
+from trainables.ray_worker import REPLAYED_KEY, RESUMED_FROM_KEY
+
+WAIT_SECONDS = 600  # generous: the machine is shared; every wait ends as soon as its event happens
+
+
+def tiny_sweep(weights, name: str, epochs: int = 2, **search) -> dict:
+    """A sweep that trains in seconds: 12 synthetic images, 1 PGD step, evaluation after the last epoch only."""
+    return {
+        "experiment": {"name": name, "model": f"tiny-clip@{weights}", "train_data": "synthetic:train,n=12",
+                       "eval_data": "synthetic:test,n=6", "epochs": epochs, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
+                       "options": {"M": 2, "N": 1, "eval_every": 0}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1, "max_failures": 1},
+        "search": {"algorithm": "tpe", "num_trials": 1, "seed": 0, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}], **search},
+        "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}},
+    }
+
+
+def trial_runs(client: MlflowClient, experiment_name: str) -> list:
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def epoch_steps(client: MlflowClient, run_id: str, metric: str = EPOCH) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def tune_results(trial_storage: Path) -> list[dict]:
+    """The results Tune received for the trials of a sweep (their result.json lines; a restored trial's start afresh)."""
+    rows = []
+    for path in sorted(trial_storage.rglob("result.json")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def ray_train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """Ray Train worker processes started under ``root`` (so never another session's Ray)."""
+    found = []
+    for process in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_SECONDS, every: float = 0.5):
+    """Poll ``condition`` until it returns something truthy (an event to wait for, not a retry of a failure)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ray Train worker killed mid-epoch: the trial resumes from its checkpoint, one MLflow run, no gaps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, random_tiny_clip_weights, tmp_path):
+    epochs = 3
+    data = tiny_sweep(random_tiny_clip_weights, "worker-kill", epochs=epochs)
+    data["experiment"].update(train_data="synthetic:train,n=36", pgd_steps=3)  # epochs of a few seconds: the kill lands inside one
+    spec = parse_sweep_spec(data, "worker-kill.yaml")
+    assert spec.resources.max_failures == 1  # Ray Train's FailureConfig gets it from the sweep file
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed: list[int] = []
+    failures: list[BaseException] = []
+
+    def kill_a_worker_after_the_first_epoch():
+        try:
+            client = MlflowClient(uri)
+
+            def first_epoch_recorded():
+                return any(epoch_steps(client, r.info.run_id) for r in trial_runs(client, "worker-kill"))
+
+            wait_for(first_epoch_recorded, "the first epoch in MLflow", every=0.2)
+            workers = ray_train_workers(psutil.Process())
+            assert len(workers) == 1, [w.cmdline() for w in workers]
+            workers[0].send_signal(signal.SIGKILL)  # no cleanup, no exception in Python: the process is gone
+            killed.append(workers[0].pid)
+        except BaseException as error:  # handed to the test thread, which raises it
+            failures.append(error)
+
+    watcher = threading.Thread(target=kill_a_worker_after_the_first_epoch, daemon=True)
+    watcher.start()
+    summary = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    watcher.join(timeout=60)
+    assert not failures, failures
+    assert killed and not psutil.pid_exists(killed[0])
+
+    [row] = summary["rows"]
+    assert row["status"] == "OK" and row["epochs"] == epochs
+    client = MlflowClient(uri)
+    [run] = [r for r in trial_runs(client, "worker-kill") if r.data.tags[SWEEP_TAG] == summary["sweep_id"]]
+    assert run.info.status == "FINISHED"
+    for metric in (EPOCH, "train/loss", "train/l_cms"):
+        assert epoch_steps(client, run.info.run_id, metric) == list(range(1, epochs + 1)), metric
+    assert epoch_steps(client, run.info.run_id, "pgd/eps4/tr1") == [epochs]  # evaluated after the last epoch only
+    assert client.list_artifacts(run.info.run_id, "checkpoint")
+
+    results = tune_results(Path(summary["storage_path"]))
+    trained = [r[EPOCH] for r in results if EPOCH in r and not r[REPLAYED_KEY]]
+    assert trained == list(range(1, epochs + 1))  # no epoch trained twice, none skipped
+    restarted = [r for r in results if r.get(RESUMED_FROM_KEY, 0) > 0]
+    # The restarted worker began at the checkpoint of an epoch already done, not from scratch.
+    assert restarted and all(r[RESUMED_FROM_KEY] >= 1 and r[EPOCH] >= r[RESUMED_FROM_KEY] for r in restarted)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep driver SIGKILLed after a trial finished: --resume completes it, nothing lost or repeated
+# ---------------------------------------------------------------------------------------------
+
+
+class Driver:
+    """``python -m platform.sweep`` in a subprocess, its output collected by a thread."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "platform.sweep", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float = WAIT_SECONDS) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return code
+
+
+TRAINING_PROCESSES = re.compile(r"RayTrainWorker|TrainController|run_trial|raylet|gcs_server")
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+def listening_addresses(root: psutil.Process, port: int) -> set[str]:
+    pids = {root.pid} | {p.pid for p in root.children(recursive=True)}
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.port == port}
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_without_losing_or_repeating_a_trial(random_tiny_clip_weights, tmp_path):
+    data = tiny_sweep(random_tiny_clip_weights, "driver-kill", num_trials=2)
+    data["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    data["storage"] = {"path": str(tmp_path / "ray")}
+    sweep_file = tmp_path / "driver-kill.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    client = MlflowClient(data["tracking"]["uri"])
+
+    driver = Driver("--space", str(sweep_file))
+    root = psutil.Process(driver.process.pid)
+    # Services the platform starts stay on this machine: the dashboard listens on loopback only.
+    dashboard = wait_for(lambda: re.search(r"View the dashboard at \S*?https?://([\d.]+):(\d+)", driver.output), "Ray's dashboard")
+    assert dashboard.group(1) == LOCAL_HOST
+    assert wait_for(lambda: listening_addresses(root, int(dashboard.group(2))), "the dashboard socket") == {LOCAL_HOST}
+
+    finished = wait_for(lambda: [r for r in trial_runs(client, "driver-kill") if r.info.status == "FINISHED"], "a finished trial")
+    training = [p for p in root.children(recursive=True) if TRAINING_PROCESSES.search(" ".join(_cmdline(p)))]
+    assert any("raylet" in " ".join(_cmdline(p)) for p in training)
+    driver.process.send_signal(signal.SIGKILL)
+    assert driver.wait() == -signal.SIGKILL
+    # Ray's processes share the driver's fate: no worker of the dead sweep trains on beside the resumed one.
+    # (Ray's idle dashboard and runtime-env agents notice later, and only hold memory until then.)
+    _, alive = psutil.wait_procs(training, timeout=90)
+    assert not alive, [_cmdline(p) for p in alive]
+    [done] = finished
+    done_trial = done.data.tags[TRIAL_TAG]
+    done_checkpoints = sorted((tmp_path / "ray").glob(f"*-train-{done_trial}/checkpoint_*"))
+
+    resumed = Driver("--space", str(sweep_file), "--resume")
+    assert resumed.wait() == 0, resumed.output[-4000:]
+    runs = trial_runs(client, "driver-kill")
+    assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2, [r.data.tags for r in runs]
+    [parent] = client.search_runs([done.info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert epoch_steps(client, run.info.run_id) == [1, 2]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/card.json", f"checkpoint/{VISION_FILE}"]
+    again = client.get_run(done.info.run_id)
+    assert again.info.end_time == done.info.end_time  # the finished trial was not run (or recorded) again
+    assert sorted((tmp_path / "ray").glob(f"*-train-{done_trial}/checkpoint_*")) == done_checkpoints
+    # If Tune's saved state still had the finished trial running, the resumed sweep reported its stored
+    # result again; it never restarted its workers (they would have resumed from its last checkpoint).
+    # (Tune rewrites a restored trial's result.json, so it holds only what the resumed driver received.)
+    results = tune_results(tmp_path / "ray")
+    assert all(r.get(RESUMED_FROM_KEY, 0) == 0 for r in results if r["trial_id"] == done_trial)
+
+
+# ---------------------------------------------------------------------------------------------
+# A NaN loss fails its trial with the reason; the sweep goes on; secrets never reach MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_sweep(ray_session, random_tiny_clip_weights, tmp_path_factory):
+    """A grid over lr = 1e-4 and 1e30 (the second blows the loss up to NaN in its first epoch), run with
+    secrets in the environment and one of them inside the weights file's path (so it reaches every record)."""
+    tmp_path = tmp_path_factory.mktemp("nan-sweep")
+    token, aws_key = f"tok{secrets.token_hex(12)}", f"aws{secrets.token_hex(16)}"
+    weights = tmp_path / token / "weights.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(random_tiny_clip_weights, weights)
+    data = tiny_sweep(weights, "nan-trial", algorithm="grid", num_trials=None)
+    data["space"] = {"lr": {"distribution": "choice", "values": [1e-4, 1e30]}}
+    data["resources"].update(cpus_per_worker=0.5, max_concurrent_trials=2)  # both trials at once on the 2 test CPUs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_TOKEN", token)
+        env.setenv("AWS_SECRET_ACCESS_KEY", aws_key)
+        summary = run_sweep(parse_sweep_spec(data, "nan.yaml"), tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    return {"summary": summary, "uri": uri, "secrets": (token, aws_key), "tmp": tmp_path}
+
+
+@pytest.mark.slow
+def test_a_nan_loss_fails_its_trial_with_the_reason_and_the_sweep_goes_on(nan_sweep):
+    summary, client = nan_sweep["summary"], MlflowClient(nan_sweep["uri"])
+    assert sorted(r["status"] for r in summary["rows"]) == ["ERROR", "OK"]
+    runs = {float(r.data.params["lr"]): r for r in trial_runs(client, "nan-trial")}
+    assert set(runs) == {1e-4, 1e30}
+    failed, fine = runs[1e30], runs[1e-4]
+    assert failed.info.status == "FAILED"
+    reason = failed.data.tags[FAILURE_TAG]
+    assert re.search(r"the mava loss became nan at epoch 1, batch \d.*lower lr \(now 1e\+30\)", reason), reason
+    assert epoch_steps(client, failed.info.run_id) == []  # no metric of a diverged epoch was recorded
+    assert fine.info.status == "FINISHED" and epoch_steps(client, fine.info.run_id) == [1, 2]
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mava.failed_trials"] == "1"
+    # Deterministic failures are not retried: the diverged trial ran its first epoch once.
+    nan_results = [r for r in tune_results(Path(summary["storage_path"])) if r.get("error/nonfinite_loss")]
+    assert len(nan_results) == 1
+
+
+@pytest.mark.slow
+def test_secrets_in_the_environment_never_reach_params_tags_or_artifacts(nan_sweep):
+    client, secret_values = MlflowClient(nan_sweep["uri"]), nan_sweep["secrets"]
+    summary = nan_sweep["summary"]
+    runs = [client.get_run(summary["parent_run_id"])] + trial_runs(client, "nan-trial")
+    assert len(runs) == 3
+    texts, artifacts = [], []
+    for run in runs:
+        texts += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()] + list(run.data.metrics)
+        local = Path(client.download_artifacts(run.info.run_id, "", str(nan_sweep["tmp"] / "artifacts" / run.info.run_id)))
+        artifacts += [p for p in local.rglob("*") if p.is_file()]
+    for version in client.search_model_versions("name = 'nan-trial-robust-vision'"):
+        texts += [version.source, json.dumps(version.tags), version.description or ""]
+    assert sorted(p.name for p in artifacts) == ["card.json", VISION_FILE]  # the finished trial's; the NaN trial has none
+    everything = "\n".join(texts + [p.read_bytes().decode("latin-1") for p in artifacts])
+    for secret in secret_values:
+        assert secret not in everything
+    assert "<redacted>" in everything  # the path holding the token was recorded, with the token cut out
+
+
+# ---------------------------------------------------------------------------------------------
+# Nowhere to write, or no tracking server: one message, exit 2, before any compute
+# ---------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("problem", ["artifacts-below-a-file", "tracking-server-down"])
+def test_an_unusable_location_stops_the_sweep_before_any_compute(problem, random_tiny_clip_weights, tmp_path):
+    data = tiny_sweep(random_tiny_clip_weights, "nowhere")
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("nothing can be created below a regular file, not even by root")
+    data["storage"] = {"path": str(tmp_path / "ray")}
+    if problem == "artifacts-below-a-file":
+        data["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": str(blocker / "artifacts")}
+        expected = rf"cannot write to {re.escape(str(blocker / 'artifacts'))} \(.+\): choose a writable tracking.artifact_location"
+    else:
+        data["tracking"] = {"uri": f"http://127.0.0.1:{_closed_port()}"}
+        expected = r"MLflow tracking at http://127.0.0.1:\d+ is unreachable \(.*[Cc]onnection refused\): start the tracking server"
+    sweep_file = tmp_path / "nowhere.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "platform.sweep", "--space", str(sweep_file)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(expected, result.stderr), result.stderr
+    assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr + result.stdout
+    # Nothing was started or recorded: no Ray, no sweep folder, no MLflow run; and no minutes of retries.
+    assert "Ray" not in result.stdout + result.stderr
+    assert not list((tmp_path / "ray").glob("nowhere-*"))
+    if problem == "artifacts-below-a-file":
+        assert not MlflowClient(data["tracking"]["uri"]).search_runs(
+            [e.experiment_id for e in MlflowClient(data["tracking"]["uri"]).search_experiments()])
+    assert elapsed < 120, elapsed
+
+
+def test_the_dashboard_binds_to_loopback_unless_asked_otherwise():
+    assert build_parser().parse_args(["--space", "x.yaml"]).dashboard_host == LOCAL_HOST == "127.0.0.1"
+    assert build_parser().parse_args(["--space", "x.yaml", "--dashboard-host", "0.0.0.0"]).dashboard_host == "0.0.0.0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe checkpoints: sha256 verified on load; nothing ever unpickled unrestrictedly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def published_checkpoint(tmp_path) -> Path:
+    """A robust checkpoint as a sweep publishes it: vision.safetensors and the card write_card makes."""
+    clip = build_tiny_clip()
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in clip.visual.state_dict().items()}, str(folder / VISION_FILE))
+    params = {"model": "tiny-clip", "defense": "mava", "eps": 2 / 255}
+    write_card(folder, params, {"pgd/eps2/tr1": 10.0}, folder / VISION_FILE)
+    return folder
+
+
+def test_a_published_checkpoint_loads_and_a_tampered_one_is_refused(published_checkpoint, random_tiny_clip):
+    card = json.loads((published_checkpoint / "card.json").read_text())
+    assert card["weights_file"] == VISION_FILE and re.fullmatch(r"[0-9a-f]{64}", card["sha256"])
+    load_robust_vision(random_tiny_clip, published_checkpoint)  # the card vouches for the file
+
+    weights = published_checkpoint / VISION_FILE
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[-1] ^= 0x01  # one bit of one weight: still a valid safetensors file
+    weights.write_bytes(bytes(flipped))
+    for load in (lambda: load_robust_vision(random_tiny_clip, published_checkpoint),
+                 lambda: load_robust_vision(random_tiny_clip, weights),
+                 lambda: read_state_dict(weights)):
+        with pytest.raises(UserError, match=r"does not match the sha256 in .*card.json \(card [0-9a-f]{64}, file [0-9a-f]{64}\).*copy the checkpoint again"):
+            load()
+    weights.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(UserError, match="does not match the sha256"):
+        load_robust_vision(random_tiny_clip, published_checkpoint)
+
+
+def test_full_model_weights_with_a_card_are_verified_through_the_model_spec(tmp_path, random_tiny_clip_weights):
+    weights = tmp_path / "clip.safetensors"
+    shutil.copy(random_tiny_clip_weights, weights)
+    (tmp_path / "card.json").write_text(json.dumps({"weights_file": weights.name, "sha256": "f" * 64}))
+    with pytest.raises(UserError, match="does not match the sha256"):
+        load_model(f"tiny-clip@{weights}")
+    (tmp_path / "card.json").write_text(json.dumps({"weights_file": "another.safetensors", "sha256": "f" * 64}))
+    load_model(f"tiny-clip@{weights}")  # a card about another file does not vouch for (or against) this one
+
+
+class Payload:
+    """Unpickling this runs code (it writes ``marker``): what a hostile weights file does."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, random_tiny_clip_weights):
+    marker = tmp_path / "code-ran"
+    legacy = tmp_path / "evil.pt"
+    torch.save({"visual.conv1.weight": Payload(marker)}, legacy)
+    raw = tmp_path / "evil.bin"
+    raw.write_bytes(pickle.dumps({"visual.conv1.weight": Payload(marker)}))
+    for path in (legacy, raw):
+        with pytest.raises(UserError, match=r"could not be read safely with torch.load\(weights_only=True\)"):
+            read_state_dict(path)
+        with pytest.raises(UserError, match=r"could not be read safely"):
+            load_model(f"tiny-clip@{path}")
+        with pytest.raises(UserError, match=r"could not be read safely"):
+            load_model(f"open_clip:ViT-B-16@{path}")
+    assert not marker.exists()
+    # The payload is live: an unrestricted load would have run it (so the checks above can fail).
+    torch.load(legacy, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+SOURCE_DIRS = ("platform", "trainables", "dashboards", "benchmarks")
+UNSAFE_CALLS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cloudpickle.load", "cloudpickle.loads", "dill.load",
+                "dill.loads", "joblib.load", "pandas.read_pickle", "pd.read_pickle", "yaml.load", "yaml.unsafe_load",
+                "yaml.full_load", "marshal.loads", "shelve.open"}
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def test_no_code_path_unpickles_without_restriction():
+    """torch.load always with weights_only=True; no pickle/dill/joblib/yaml.load; TorchScript only for OpenAI's release files."""
+    offences, torch_loads = [], 0
+    for folder in SOURCE_DIRS:
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            where = path.relative_to(REPO_ROOT)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module in {"pickle", "cloudpickle", "dill", "joblib", "marshal"}:
+                    if any(alias.name in {"load", "loads", "Unpickler"} for alias in node.names):
+                        offences.append(f"{where}:{node.lineno}: from {node.module} import load")
+                if not isinstance(node, ast.Call):
+                    continue
+                name = _dotted(node.func)
+                if name in UNSAFE_CALLS:
+                    offences.append(f"{where}:{node.lineno}: {name}(...)")
+                if name == "torch.load":
+                    torch_loads += 1
+                    keywords = {k.arg: k.value for k in node.keywords}
+                    safe = keywords.get("weights_only")
+                    if not (isinstance(safe, ast.Constant) and safe.value is True):
+                        offences.append(f"{where}:{node.lineno}: torch.load without weights_only=True")
+                if name in {"numpy.load", "np.load"}:
+                    allow = {k.arg: k.value for k in node.keywords}.get("allow_pickle")
+                    if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
+                        offences.append(f"{where}:{node.lineno}: np.load with allow_pickle")
+                if name == "torch.jit.load" and str(where) != "trainables/models/__init__.py":
+                    offences.append(f"{where}:{node.lineno}: torch.jit.load outside the OpenAI release-file reader")
+    assert not offences, offences
+    assert torch_loads >= 1  # the scan does see the one legacy reader (trainables/models/weights.py)
