@@ -131,12 +131,18 @@ def test_ray_job_submit_runs_a_sweep_on_a_cluster(random_tiny_clip_weights, tmp_
     ports = ["--port", "6391", "--dashboard-port", "8276", "--ray-client-server-port", "10002", "--min-worker-port", "20000", "--max-worker-port", "20100"]
     subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "2", *ports],
                    check=True, env=env, capture_output=True, timeout=180)
+    submit = ["ray", "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"excludes": [".git", "ray_results", "mlartifacts", "*.db", ".hypothesis", "mlruns"]}),
+              "--", "python", "-m", "platform.sweep", "--space", str(sweep_file)]
     try:
-        result = subprocess.run(
-            ["ray", "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"excludes": [".git", "ray_results", "mlartifacts", "*.db", ".hypothesis"]}),
-             "--", "python", "-m", "platform.sweep", "--space", str(sweep_file)],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        # `ray start` returns before the head's job agent has registered; on a loaded machine the first
+        # submission can be refused with "No available agent". Wait for the agent (bounded), not longer.
+        deadline = time.time() + 120
+        while True:
+            result = subprocess.run(submit, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
+                break
+            time.sleep(5)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         assert "succeeded" in result.stdout
     finally:
