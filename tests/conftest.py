@@ -68,10 +68,14 @@ def synthetic_test_set():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (starting Ray costs seconds; tests share it)."""
+    """One local Ray instance shared by the tests (starting Ray costs seconds); started on first use.
+
+    No shutdown here: the job-submit test disconnects it before it starts (and `ray stop
+    --force`s) a separate head node, and `run_sweep` starts Ray again if a later test needs
+    it. Ray shuts itself down when the test process exits.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
     yield
-    ray.shutdown()

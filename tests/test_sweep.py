@@ -126,6 +126,11 @@ def test_ray_job_submit_runs_a_sweep_on_a_cluster(random_tiny_clip_weights, tmp_
     data["storage"] = {"path": str(tmp_path / "ray")}
     sweep_file = tmp_path / "submitted.yaml"
     sweep_file.write_text(yaml.safe_dump(data))
+    import ray
+
+    # `ray stop --force` below stops every Ray process on this machine: disconnect the shared
+    # in-process instance first, or its dead raylet would take the test process down with it.
+    ray.shutdown()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ports = ["--port", "6391", "--dashboard-port", "8276", "--ray-client-server-port", "10002", "--min-worker-port", "20000", "--max-worker-port", "20100"]

@@ -38,6 +38,15 @@ class EmbeddingSpace(str, Enum):
     NORMALIZED = "normalized"  # distances on L2-normalised embeddings (authors' code)
 
 
+class Precision(str, Enum):
+    """Arithmetic of the training step (issue 7). Evaluation always runs in fp32."""
+
+    FP32 = "fp32"  # default: everything in float32
+    # torch.autocast(bfloat16) around the attack and the outer forward passes (CUDA only); the
+    # weights, their gradients, the optimiser state, the losses and the cached frozen features stay float32.
+    BF16 = "bf16"
+
+
 def parse_eps(value: object) -> float:
     """Accept ``2/255``, ``"2/255"``, ``0.00784`` -> float in pixel units; reject anything outside (0, 1]."""
     if isinstance(value, str):
@@ -90,6 +99,12 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    # Speed options for CUDA GPUs (issue 7, numbers in BENCHMARKS.md). The step's mathematics is unchanged
+    # except for bf16 rounding. Training refuses them when the device resolves to a CPU, where they did
+    # not make the step faster (trainables.train.check_speed_options says why).
+    precision: Precision = Precision.FP32
+    compile: bool = False  # torch.compile the attack's and the outer step's encoder calls
+    channels_last: bool = False  # NHWC memory format for the vision encoder's convolutions and its input images
 
     @field_validator("eps", mode="before")
     @classmethod

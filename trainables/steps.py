@@ -4,22 +4,82 @@ Each step takes precomputed frozen features (caption features of the batch's
 images, ``F_org`` of the clean images): both come from frozen encoders, so the
 loop computes them once per dataset instead of once per step (issue 7). The step
 returns the loss terms; the caller does backward and the optimiser step.
+
+What the step does *not* do (issue 7; measured in BENCHMARKS.md against
+``benchmarks/naive_mava.py``): no text-encoder or ``F_org`` forward, no
+parameter gradients inside the attack (``attack_encoder`` runs the encoder on
+detached weights and PGD differentiates with respect to the input only), and one
+batched forward/backward over the N neighbours and the clean image.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+from torch import nn
 
 from trainables.attacks.pgd import PGDSettings, pgd
-from trainables.config import Defense, EmbeddingSpace, NeighbourMode, TrainConfig
+from trainables.config import Defense, EmbeddingSpace, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
 
 # Maps [0, 1] pixels (B, C, H, W) to features (B, D) through the *trainable* encoder.
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False) -> Encoder:
+    """The encoder an attack differentiates: ``vision`` on *detached* weights (same storage, same values).
+
+    An attack needs the gradient with respect to its input only. ``torch.autograd.grad(loss,
+    x)`` already skips the weight-gradient kernels in eager mode, but with detached weights
+    the forward also records no parameter edges and saves no activations that only weight
+    gradients need, and ``torch.compile`` traces an input-gradient-only backward (a
+    compiled backward computes every gradient its graph was traced with). Detaching
+    instead of toggling ``requires_grad`` leaves a DDP wrapper's parameter hooks alone.
+    """
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        weights = {name: parameter.detach() for name, parameter in vision.named_parameters()}
+        return torch.func.functional_call(vision, weights, (_layout(normalize(pixels), channels_last),)).float()
+
+    return encode
+
+
+def train_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False) -> Encoder:
+    """The encoder of the outer step: ``vision`` (DDP-wrapped under Ray Train) with its parameters' gradients."""
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return vision(_layout(normalize(pixels), channels_last)).float()  # losses in fp32, also under bf16 autocast
+
+    return encode
+
+
+def _layout(pixels: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
+
+
+def make_encoders(vision: nn.Module, train_vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  config: TrainConfig) -> tuple[Encoder, Encoder]:
+    """(attack encoder, train encoder) as the training loop uses them, compiled when ``config.compile``.
+
+    Args:
+        vision: the trainable vision tower; train_vision: the same tower, DDP-wrapped under Ray Train.
+    """
+    attack = attack_encoder(vision, normalize, config.channels_last)
+    train = train_encoder(train_vision, normalize, config.channels_last)
+    if config.compile:
+        attack, train = torch.compile(attack), torch.compile(train)
+    return attack, train
+
+
+def step_precision(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of one training step (attack + outer forward); backward runs outside it."""
+    if config.precision is Precision.BF16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def pgd_settings(config: TrainConfig) -> PGDSettings:

@@ -24,15 +24,15 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from trainables.checkpoint import load_training_checkpoint, save_training_checkpoint
-from trainables.config import Defense, OptimizerName, TrainConfig
+from trainables.config import Defense, OptimizerName, Precision, TrainConfig
 from trainables.data import check_min_captions, load_dataset
 from trainables.data.items import collate
-from trainables.errors import NonFiniteLossError
+from trainables.errors import NonFiniteLossError, UserError
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
 from trainables.models import load_model
 from trainables.models.base import VLPModel
 from trainables.names import EPOCH, train_metric
-from trainables.steps import STEPS, tecoa_step
+from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step
 
 # Called once per epoch with the epoch's metrics and its checkpoint directory (None on ranks > 0).
 Reporter = Callable[[dict[str, float], Path | None], None]
@@ -44,6 +44,29 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     return torch.device(name)
+
+
+def check_speed_options(config: TrainConfig, device: torch.device) -> None:
+    """Refuse the speed options where they do not help: they are GPU options (BENCHMARKS.md has the numbers).
+
+    On the 2-core CPU of BENCHMARKS.md, bf16 autocast made the MAVA step slower (the
+    tiny encoder's matmuls are too small to gain from bf16, the casts cost), compile
+    spent minutes compiling for a small gain that a sweep trial's few dozen steps never
+    pay back, and channels_last changes nothing (a ViT's only convolution is its patch
+    embedding). A run that asks for them on a CPU gets this message instead of a silently
+    different configuration.
+    """
+    if device.type == "cuda":
+        if config.precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
+            raise UserError(f"precision: bf16 needs a GPU with bf16 support ({torch.cuda.get_device_name(device)} has none); "
+                            "set precision: fp32")
+        return
+    asked = [text for text, on in (("precision: bf16", config.precision is Precision.BF16), ("compile: true", config.compile),
+                                   ("channels_last: true", config.channels_last)) if on]
+    if asked:
+        raise UserError(f"{', '.join(asked)}: speed option(s) for CUDA GPUs, but this run resolved device {config.device!r} "
+                        f"to {device.type}, where they did not make the step faster (BENCHMARKS.md); "
+                        "use precision: fp32, compile: false, channels_last: false")
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -81,9 +104,11 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         resume_from: a checkpoint directory to continue from (its epoch is skipped).
         model: an already-loaded model (tests); by default ``config.model`` is loaded.
     """
+    setup_started = time.perf_counter()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = resolve_device(config.device)
+    check_speed_options(config, device)
     torch.manual_seed(config.seed)
     model = (model if model is not None else load_model(config.model)).to(device)
     model.freeze_text()
@@ -94,16 +119,16 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
 
     optimizer = build_optimizer(config, model.vision.parameters())
     start_epoch = load_training_checkpoint(resume_from, model.vision, optimizer) if resume_from else 0
+    if config.channels_last:
+        model.vision.to(memory_format=torch.channels_last)  # in place: the optimiser keeps the same parameters
     train_vision = DistributedDataParallel(model.vision) if distributed else model.vision
     step = STEPS[config.defense]
     if config.defense is Defense.TECOA:
         step = functools.partial(tecoa_step, logit_scale=model.logit_scale)
-
-    def attack_encode(pixels: torch.Tensor) -> torch.Tensor:
-        return model.vision(model.normalize(pixels))
-
-    def train_encode(pixels: torch.Tensor) -> torch.Tensor:
-        return train_vision(model.normalize(pixels))
+    # The attack differentiates w.r.t. its input only; the outer forward goes through DDP (gradient sync).
+    attack_encode, train_encode = make_encoders(model.vision, train_vision, model.normalize, config)
+    # Model and data loading, F_org and caption features: reported once per (re)start, with the first epoch.
+    setup_seconds: float | None = time.perf_counter() - setup_started
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -122,7 +147,8 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
             caption_features = torch.stack([cache[item_id][0] for item_id in batch.item_ids])
             original_features = torch.stack([cache[item_id][1] for item_id in batch.item_ids])
             model.vision.train()
-            terms = step(attack_encode, train_encode, images, caption_features, original_features, config, generator)
+            with step_precision(config, device):
+                terms = step(attack_encode, train_encode, images, caption_features, original_features, config, generator)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -142,6 +168,8 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
             settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed)
             metrics.update(evaluate_retrieval(model, eval_set, settings, progress=progress))
         metrics["time/epoch_seconds"] = time.perf_counter() - epoch_started
+        if setup_seconds is not None:
+            metrics["time/setup_seconds"], setup_seconds = setup_seconds, None
         checkpoint = None
         if rank == 0:
             checkpoint = save_training_checkpoint(checkpoint_root / f"epoch-{epoch:04d}", model.vision, optimizer, epoch,
