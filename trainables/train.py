@@ -150,7 +150,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
             with step_precision(config, device):
                 terms = step(attack_encode, train_encode, images, caption_features, original_features, config, generator)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
+            if not _finite_on_every_rank(loss, distributed):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
                     f"the {config.defense.value} loss became {loss.item()} at epoch {epoch}, batch {batch_index} ({values}): "
@@ -176,6 +176,18 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
                                                   config.model_dump(mode="json"), metrics)
         report(metrics, checkpoint)
     return metrics
+
+
+def _finite_on_every_rank(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on every DDP rank.
+
+    Agreed across ranks before anyone raises: a rank that stopped alone would leave the
+    others waiting forever in the next gradient all-reduce.
+    """
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
 
 
 def _evaluates(config: TrainConfig, epoch: int) -> bool:
