@@ -4,8 +4,9 @@
 
 Prints clean and PGD-robust retrieval recall of the model as loaded, fine-tunes its
 vision encoder with the chosen defense (no Ray), evaluates again and writes every
-number to ``--out`` (JSON) beside the epoch checkpoints. Sweeps over many settings
-use ``python -m platform.sweep`` instead.
+number to ``--out`` (JSON) beside the epoch checkpoints. A captioner (``hf-blip-cap``,
+trained with the paper's Eq. 8: ``--set a=0 --set eval_attacks=``) is scored on its
+clean captions instead. Sweeps over many settings use ``python -m platform.sweep`` instead.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from trainables.attacks import ATTACKS
 from trainables.config import train_config_from
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
-from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
+from trainables.evaluation.captioning import CAPTION_KEYS
 from trainables.models import load_model, parse_model_spec
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
-from trainables.train import run_training
+from trainables.train import evaluate_model, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | None]]) -> str:
-    """Rows: model state; columns: TR@1/IR@1 clean and per attack × eps."""
-    columns = [(attack, eps, key) for attack, eps in attacks for key in ("tr1", "ir1")]
+def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | None]], keys: tuple[str, ...] = ("tr1", "ir1")) -> str:
+    """Rows: model state; columns: each key (TR@1/IR@1, or a captioner's BLEU-4/CIDEr) clean and per attack × eps."""
+    columns = [(attack, eps, key) for attack, eps in attacks for key in keys]
     header = ["model"] + [f"{'clean' if eps is None else f'{attack}@{eps_fraction(eps)}'} {key.upper()}" for attack, eps, key in columns]
     lines = [" | ".join(header)]
     for name, metrics in rows.items():
@@ -80,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--set eval_attacks: unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
     out = writable_folder(Path(args.out).expanduser().resolve())
     model = load_model(config.model)
-    check_min_captions(load_dataset(config.train_data, model.image_size), config.M)
+    train_set = load_dataset(config.train_data, model.image_size)
+    if model.has_text_encoder:  # a captioner's training reads no captions
+        check_min_captions(train_set, config.M)
     eval_set = load_dataset(config.eval_data, model.image_size)
-    settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, seed=config.seed)
     print(f"evaluating {config.model} as loaded on {config.eval_data} ...")
-    before = evaluate_retrieval(model, eval_set, settings, progress=True)
+    before = evaluate_model(model, eval_set, config, progress=True)
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("train/") or k.endswith("/tr1")}
@@ -94,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     after = run_training(config, report, out / "checkpoints", progress=True, model=model)
     seconds = time.perf_counter() - started
     attacks = [(CLEAN, None)] + [(attack, eps) for attack in config.eval_attacks for eps in config.eval_eps]
-    print(table({"original": before, f"{config.defense.value} fine-tuned": after}, attacks))
-    results = {"config": config.model_dump(mode="json"), "before": before, "after": after, "train_seconds": seconds,
-               "threat": "white-box", "recall_keys": list(RECALL_KEYS)}
+    keys = ("tr1", "ir1") if model.has_text_encoder else ("bleu4", "cider")
+    print(table({"original": before, f"{config.defense.value} fine-tuned": after}, attacks, keys))
+    results = {"config": config.model_dump(mode="json"), "before": before, "after": after, "train_seconds": seconds}
+    if model.has_text_encoder:
+        results |= {"threat": "white-box", "recall_keys": list(RECALL_KEYS)}
+    else:
+        results |= {"threat": "clean", "caption_keys": list(CAPTION_KEYS)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'results.json'} ({seconds:.0f} s of fine-tuning)")
     return 0

@@ -35,7 +35,7 @@ from trainables.ray_worker import run_trial, training_options
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.config import TrainConfig
 from trainables.errors import UserError
-from trainables.models import load_model, parse_model_spec
+from trainables.models import is_captioner_spec, load_model, parse_model_spec
 from trainables.models.tiny_clip import ensure_pretrained
 
 # The Tune trial only launches and watches its Train run; its workers hold the CPUs.
@@ -144,12 +144,17 @@ def check_resources(spec: SweepSpec) -> None:
 
 
 def check_inputs(spec: SweepSpec) -> None:
-    """Model and data specs are valid, data loads, and every image has as many captions as the largest M searched."""
+    """Model and data specs are valid, data loads, and every image has as many captions as the largest M searched.
+
+    A captioner's training reads no captions (Eq. 8), so its training set is only loaded.
+    """
     base = spec.base_training_options()
     parse_model_spec(base["model"])
     for key in ("train_data", "eval_data"):
         parse_data_spec(base[key])
-    check_min_captions(load_dataset(base["train_data"], image_size=32), largest_m(spec))
+    train_set = load_dataset(base["train_data"], image_size=32)
+    if not is_captioner_spec(base["model"]):
+        check_min_captions(train_set, largest_m(spec))
     if parse_data_spec(base["eval_data"]).kind != "synthetic":  # a real dataset: its files must be there too
         load_dataset(base["eval_data"], image_size=32)
 

@@ -27,6 +27,7 @@ from ray.tune import Callback
 from trainables.config import TrainConfig
 from trainables.ray_worker import training_options
 from trainables.checkpoint import STATE_FILE, VISION_FILE
+from trainables.models import is_captioner_spec
 from trainables.names import EPOCH
 
 SWEEP_TAG = "mava.sweep_id"
@@ -127,7 +128,8 @@ def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str,
         "metrics": metrics,
         "weights_file": VISION_FILE,
         "sha256": sha256_of(vision_path),
-        "threat_model": "white-box (attacks computed on the fine-tuned model itself)",
+        "threat_model": ("none: clean captions only (a captioner; transfer attacks: python -m platform.evaluate_captions)"
+                         if is_captioner_spec(trial_params["model"]) else "white-box (attacks computed on the fine-tuned model itself)"),
     })
     path = directory / CARD_FILE
     path.write_text(json.dumps(card, indent=2, default=str))

@@ -362,7 +362,7 @@ def no_real_work(monkeypatch):
         raise AssertionError("the input passed validation: the command would have started work")
 
     monkeypatch.setattr(platform.sweep, "init_ray", refuse)
-    monkeypatch.setattr(platform.finetune, "evaluate_retrieval", refuse)
+    monkeypatch.setattr(platform.finetune, "evaluate_model", refuse)
     monkeypatch.setattr(platform.finetune, "run_training", refuse)
     # platform.data convert keeps its real writer: it is what finds corrupt images and full folders.
 

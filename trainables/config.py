@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainables.defenses.mava import CmsForm
 from trainables.errors import UserError
+from trainables.models import is_captioner_spec
 
 
 class Defense(str, Enum):
@@ -81,7 +82,8 @@ class TrainConfig(BaseModel):
     eps: float = 2 / 255  # training perturbation budget (pixel units)
     pgd_steps: int = Field(10, ge=1)
     pgd_step_size: float = Field(1 / 255, gt=0)
-    # MAVA (Eq. 6 weights, neighbours, captions); ignored by FARE/TeCoA except M.
+    # MAVA (Eq. 6 weights, neighbours, captions); ignored by FARE/TeCoA except M. A captioner (no text
+    # encoder, e.g. hf-blip-cap) trains with Eq. 8, b*L_VSSE + c*L_SCA: it needs a = 0 and uses no M.
     a: float = Field(0.002, ge=0)
     b: float = Field(0.4, ge=0)
     c: float = Field(0.6, ge=0)
@@ -93,7 +95,8 @@ class TrainConfig(BaseModel):
     cms_form: CmsForm = CmsForm.ONE_MINUS_COS
     sca_half: bool = True  # paper Eq. 4's 0.5; the authors' code omits it
     inner_text_distance: bool = False  # authors' extra inner term ||F(x') - T||^2
-    # Evaluation after each epoch (clean + PGD at each eval eps).
+    # Evaluation after each epoch (clean + PGD at each eval eps): retrieval recall; for a captioner,
+    # clean caption metrics (BLEU, METEOR, ROUGE-L, CIDEr), so eval_attacks must be empty there.
     eval_attacks: tuple[str, ...] = ("pgd",)
     eval_eps: tuple[float, ...] = (2 / 255, 4 / 255)
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
@@ -111,6 +114,14 @@ class TrainConfig(BaseModel):
     def _eps(cls, value: object) -> float:
         return parse_eps(value)
 
+    @field_validator("eval_attacks", mode="before")
+    @classmethod
+    def _eval_attacks(cls, value: object) -> object:
+        # A command line's ``--set eval_attacks=pgd,sga`` (or ``=`` for none) arrives as one string.
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
     @field_validator("eval_eps", mode="before")
     @classmethod
     def _eval_eps(cls, value: object) -> tuple[float, ...]:
@@ -126,7 +137,41 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.defense is Defense.MAVA and self.a == self.b == self.c == 0:
             raise ValueError("a, b and c are all 0: the MAVA loss would be zero; set at least one > 0")
+        problems = captioner_problems(self) if is_captioner_spec(self.model) else []
+        if problems:
+            raise ValueError(f"model {self.model!r} is a captioning model (no text encoder): " + "; ".join(problems))
         return self
+
+
+def captioner_problems(config: TrainConfig) -> list[str]:
+    """The options a captioning model (no text encoder) cannot honour, each with its fix; [] when none.
+
+    A captioner has no text features, so MAVA trains it with the paper's Eq. 8
+    (App. A.4): the inner PGD maximises L_VSSE and the outer step minimises
+    ``b*L_VSSE + c*L_SCA``; L_CMS does not exist. Options that would only matter for
+    L_CMS are refused rather than ignored, so a run's recorded options are the
+    objective it trained with (``a`` is recorded as 0, not as Eq. 6's default 0.002).
+    The training loop checks the loaded model again (``model.has_text_encoder``).
+    """
+    problems = []
+    if config.defense is Defense.TECOA:
+        problems.append("defense 'tecoa' needs caption features (its classes are text embeddings); "
+                        "use defense: mava (Eq. 8) or fare")
+    if config.defense is Defense.MAVA:
+        if config.a != 0:
+            problems.append(f"a={config.a:g} weights L_CMS, which the captioner's objective (the paper's Eq. 8, "
+                            "b*L_VSSE + c*L_SCA) does not have (0.002 is Eq. 6's default, for models with a text encoder); set a: 0")
+        if config.cms_form is not CmsForm.ONE_MINUS_COS:
+            problems.append(f"cms_form={config.cms_form.value} shapes L_CMS, which Eq. 8 does not have; leave cms_form at its default")
+        if config.inner_text_distance:
+            problems.append("inner_text_distance: true adds a distance to caption features, which need a text encoder; "
+                            "set inner_text_distance: false")
+    if config.eval_attacks:
+        problems.append(f"eval_attacks {list(config.eval_attacks)}: a captioner's per-epoch evaluation scores clean captions "
+                        "only (white-box retrieval attacks need a text encoder; attacks crafted on a retrieval surrogate are "
+                        "scored by python -m platform.evaluate_captions --attack ... --surrogate ...); set eval_attacks: [] "
+                        "(on a command line: --set eval_attacks=)")
+    return problems
 
 
 def describe_validation_error(error: ValidationError, where: str) -> str:

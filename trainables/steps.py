@@ -3,7 +3,9 @@
 Each step takes precomputed frozen features (caption features of the batch's
 images, ``F_org`` of the clean images): both come from frozen encoders, so the
 loop computes them once per dataset instead of once per step (issue 7). The step
-returns the loss terms; the caller does backward and the optimiser step.
+returns the loss terms; the caller does backward and the optimiser step. A
+captioner has no text encoder: its caption features are None, which MAVA and FARE
+accept (MAVA then trains with Eq. 8) and TeCoA cannot (the config refuses it).
 
 What the step does *not* do (issue 7; measured in BENCHMARKS.md against
 ``benchmarks/naive_mava.py``): no text-encoder or ``F_org`` forward, no
@@ -86,14 +88,18 @@ def pgd_settings(config: TrainConfig) -> PGDSettings:
     return PGDSettings(eps=config.eps, steps=config.pgd_steps, step_size=config.pgd_step_size, random_start=True)
 
 
-def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor,
+def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor | None,
               original_features: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """MAVA (Eqs. 5-7): PGD on L_inner, then a*L_CMS + b*L_VSSE + c*L_SCA on N neighbours and the clean image.
+
+    A captioner (``caption_features=None``) trains with Eq. 8: PGD on L_VSSE, then
+    b*L_VSSE + c*L_SCA (``config.a`` must be 0; TrainConfig and the loop check it).
 
     Args:
         attack_encode: encoder used by the inner PGD (no DDP wrapper: no gradient sync).
         train_encode: encoder whose parameters receive the outer gradient (DDP-wrapped under Ray Train).
-        images: (B, C, H, W) clean; caption_features: (B, M, D); original_features: (B, D) = F_org(v).
+        images: (B, C, H, W) clean; caption_features: (B, M, D) or None (a captioner);
+            original_features: (B, D) = F_org(v).
     """
     normalized = config.embedding_space is EmbeddingSpace.NORMALIZED
 
@@ -115,7 +121,7 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
                            config.a, config.b, config.c, config.cms_form, normalized, config.sca_half)
 
 
-def fare_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor,
+def fare_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor | None,
               original_features: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """FARE: PGD maximising ``||F(x') - F_org(x)||^2``, then minimise it at x'. Captions are unused."""
     adversarial = pgd(lambda x: fare_loss(attack_encode(x), original_features), images, pgd_settings(config), generator)

@@ -6,6 +6,10 @@ and, unchanged, on every Ray Train worker (``trainables.ray_worker``), where
 Per epoch, in order: train (attack -> forward -> loss -> step), evaluate, checkpoint,
 report. The text side and ``F_org`` are frozen, so their features are computed once
 per dataset before the first epoch.
+
+A captioner (``model.has_text_encoder`` False, e.g. ``hf-blip-cap``) has no caption
+features: MAVA trains it with the paper's Eq. 8 (``b*L_VSSE + c*L_SCA``), FARE as
+usual, and each evaluation scores its clean captions instead of retrieval recall.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from trainables.checkpoint import load_training_checkpoint, save_training_checkpoint
-from trainables.config import Defense, OptimizerName, Precision, TrainConfig
+from trainables.config import Defense, OptimizerName, Precision, TrainConfig, captioner_problems
 from trainables.data import check_min_captions, load_dataset
 from trainables.data.items import collate
 from trainables.errors import NonFiniteLossError, UserError
+from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
 from trainables.models import load_model
 from trainables.models.base import VLPModel
@@ -74,18 +79,51 @@ def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> t
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
 
 
+def check_model_fits(config: TrainConfig, model: VLPModel) -> None:
+    """Refuse options the loaded model cannot honour (a captioner: TeCoA, a != 0, ...), naming each fix.
+
+    TrainConfig already refuses them when ``config.model`` names a captioner; this checks
+    the model actually loaded (or passed in), whose ``has_text_encoder`` is the truth.
+    """
+    problems = [] if model.has_text_encoder else captioner_problems(config)
+    if problems:
+        raise UserError(f"{model.spec} is a captioning model (no text encoder): " + "; ".join(problems))
+
+
 @torch.no_grad()
-def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, batch_size: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """item id -> (caption features (M, D) of its first M captions, F_org(image) (D,)), computed once."""
+def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, batch_size: int,
+                    device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """item id -> (caption features (M, D) of its first M captions, F_org(image) (D,)), computed once.
+
+    A captioner has no text encoder: its caption features are None (MAVA's Eq. 8 needs only F_org).
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     features = {}
     for batch in loader:
-        captions = [caption for group in batch.captions for caption in group[:captions_per_image]]
-        text = model.encode_text(captions).view(len(batch.captions), captions_per_image, -1)
+        text = None
+        if model.has_text_encoder:
+            captions = [caption for group in batch.captions for caption in group[:captions_per_image]]
+            text = model.encode_text(captions).view(len(batch.captions), captions_per_image, -1)
         original = model.encode_image_original(batch.images.to(device))
         for index, item_id in enumerate(batch.item_ids):
-            features[item_id] = (text[index], original[index])
+            features[item_id] = (None if text is None else text[index], original[index])
     return features
+
+
+def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progress: bool = False) -> dict[str, float]:
+    """The evaluation after an epoch: retrieval recall (``clean/tr1``, ``pgd/eps4/ir1``, ...) of a model with a text encoder.
+
+    A captioner gets clean caption metrics instead (``clean/bleu4``, ``clean/cider``, ...; x100,
+    BLIP's decoding): retrieval needs a text encoder, and its robust captioning numbers need
+    attacks crafted on a retrieval surrogate (``python -m platform.evaluate_captions``, Table 8).
+    A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN.
+    """
+    batch_size = max(config.batch_size, 64)
+    if model.has_text_encoder:
+        settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=batch_size, seed=config.seed)
+        return evaluate_retrieval(model, dataset, settings, progress=progress)
+    settings = CaptionEvalSettings(eps=(), batch_size=batch_size, seed=config.seed)
+    return evaluate_captioning(model, dataset, settings=settings, progress=progress).metrics
 
 
 def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
@@ -112,8 +150,10 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
     torch.manual_seed(config.seed)
     model = (model if model is not None else load_model(config.model)).to(device)
     model.freeze_text()
+    check_model_fits(config, model)
     train_set = load_dataset(config.train_data, model.image_size)
-    check_min_captions(train_set, config.M)
+    if model.has_text_encoder:  # a captioner's training reads no captions
+        check_min_captions(train_set, config.M)
     eval_set = load_dataset(config.eval_data, model.image_size) if rank == 0 else None
     cache = frozen_features(model, train_set, config.M, config.batch_size, device)
 
@@ -144,7 +184,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         seen = 0
         for batch_index, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress or rank != 0, unit="batch")):
             images = batch.images.to(device)
-            caption_features = torch.stack([cache[item_id][0] for item_id in batch.item_ids])
+            caption_features = torch.stack([cache[item_id][0] for item_id in batch.item_ids]) if model.has_text_encoder else None
             original_features = torch.stack([cache[item_id][1] for item_id in batch.item_ids])
             model.vision.train()
             with step_precision(config, device):
@@ -165,8 +205,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         train_seconds = time.perf_counter() - epoch_started
         metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed), "time/train_seconds": train_seconds}
         if rank == 0 and _evaluates(config, epoch):
-            settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed)
-            metrics.update(evaluate_retrieval(model, eval_set, settings, progress=progress))
+            metrics.update(evaluate_model(model, eval_set, config, progress=progress))
         metrics["time/epoch_seconds"] = time.perf_counter() - epoch_started
         if setup_seconds is not None:
             metrics["time/setup_seconds"], setup_seconds = setup_seconds, None

@@ -12,6 +12,12 @@ so we write it as the loss ``1 - cos`` (default, range [0, 2]) or, as the author
 code does, ``-cos`` summed over the M captions (``cms_form="neg_cos_sum"``). Either
 way an inner (ascent) step lowers image-caption cosine and an outer (descent)
 step raises it; tests check both directions.
+
+Captioners (Eq. 8, App. A.4): a captioning model has no text encoder, so there are
+no caption features and no L_CMS. ``caption_features=None`` selects this variant:
+the inner PGD maximises L_VSSE alone and the outer loss is ``b*L_VSSE + c*L_SCA``;
+the returned terms then have no ``l_cms`` entry, so the logged losses say which
+equation produced them.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def sca_loss(clean_features: torch.Tensor, original_features: torch.Tensor, half
 def mava_inner_loss(
     adversarial_features: torch.Tensor,
     original_features: torch.Tensor,
-    caption_features: torch.Tensor,
+    caption_features: torch.Tensor | None,
     cms_form: CmsForm = CmsForm.ONE_MINUS_COS,
     normalized: bool = False,
     inner_text_distance: bool = False,
@@ -79,11 +85,17 @@ def mava_inner_loss(
 
     Args:
         adversarial_features: (B, D) ``F(v')`` at the current iterate.
+        caption_features: (B, M, D), or None for a captioner (Eq. 8): the objective is then L_VSSE alone.
         inner_text_distance: add ``||F(v') - mean caption feature||^2``, the extra
             inner term of the authors' code (off by default: not in the paper).
     """
     views = adversarial_features.unsqueeze(1)
-    loss = cms_loss(views, caption_features, cms_form) + vsse_loss(views, original_features, normalized)
+    loss = vsse_loss(views, original_features, normalized)
+    if caption_features is None:
+        if inner_text_distance:
+            raise ValueError("inner_text_distance needs caption features; a captioner (caption_features=None) has none")
+        return loss
+    loss = cms_loss(views, caption_features, cms_form) + loss
     if inner_text_distance:
         loss = loss + squared_l2(adversarial_features, caption_features.mean(dim=1), normalized)
     return loss
@@ -93,7 +105,7 @@ def mava_outer_loss(
     neighbour_features: torch.Tensor,
     clean_features: torch.Tensor,
     original_features: torch.Tensor,
-    caption_features: torch.Tensor,
+    caption_features: torch.Tensor | None,
     a: float,
     b: float,
     c: float,
@@ -101,15 +113,23 @@ def mava_outer_loss(
     normalized: bool = False,
     sca_half: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 6, minimised by the outer step; returns the batch means of every term.
+    """Eq. 6 (Eq. 8 for a captioner), minimised by the outer step; returns the batch means of every term.
 
+    Args:
+        caption_features: (B, M, D), or None for a captioner: Eq. 8, where ``a`` must be 0
+            (there is no L_CMS for it to weight).
     Returns:
         ``{"loss": a*L_CMS + b*L_VSSE + c*L_SCA, "l_cms": ..., "l_vsse": ..., "l_sca": ...}``,
-        each a scalar (mean over the batch: the expectation over v in Eqs. 2-4).
+        each a scalar (mean over the batch: the expectation over v in Eqs. 2-4); for a
+        captioner ``{"loss": b*L_VSSE + c*L_SCA, "l_vsse": ..., "l_sca": ...}`` (no ``l_cms``).
     """
-    l_cms = cms_loss(neighbour_features, caption_features, cms_form).mean()
     l_vsse = vsse_loss(neighbour_features, original_features, normalized).mean()
     l_sca = sca_loss(clean_features, original_features, sca_half, normalized).mean()
+    if caption_features is None:
+        if a != 0:
+            raise ValueError(f"a={a:g} weights L_CMS, but there are no caption features (Eq. 8, a captioner): pass a=0")
+        return {"loss": b * l_vsse + c * l_sca, "l_vsse": l_vsse, "l_sca": l_sca}
+    l_cms = cms_loss(neighbour_features, caption_features, cms_form).mean()
     return {"loss": a * l_cms + b * l_vsse + c * l_sca, "l_cms": l_cms, "l_vsse": l_vsse, "l_sca": l_sca}
 
 

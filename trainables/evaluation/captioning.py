@@ -40,11 +40,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from trainables.attacks import get_attack
+from trainables.attacks.base import frozen_eval
 from trainables.data.items import collate
 from trainables.errors import UserError
 from trainables.names import CLEAN, metric_name
 
 CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
+# Computed in pure Python, so present in every result (METEOR needs Java, SPICE downloaded jars):
+# the keys a sweep may optimise.
+ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 # The jars SPICE's get_stanford_models() would download into pycocoevalcap/spice/lib.
 _SPICE_JARS = (f"{spice_models.JAR}.jar", f"{spice_models.JAR}-models.jar")
 _SCALE = 100.0
@@ -226,8 +230,9 @@ def evaluate_captioning(caption_model, dataset, attack: str | None = None, surro
                 generator = torch.Generator(device=surrogate_images.device).manual_seed(
                     settings.seed * 1_000_003 + batch_index * 7919 + runs.index(run))
                 images = attack_fn(surrogate, surrogate_images, batch.captions, eps, generator).images
-            captions = caption_model.generate_captions(images.to(device), max_length=settings.max_length,
-                                                       min_length=settings.min_length, num_beams=settings.num_beams)
+            with frozen_eval(caption_model):  # eval mode even mid-training (the loop evaluates after train-mode steps)
+                captions = caption_model.generate_captions(images.to(device), max_length=settings.max_length,
+                                                           min_length=settings.min_length, num_beams=settings.num_beams)
             hypotheses[run].update({item_id: [caption] for item_id, caption in zip(batch.item_ids, captions)})
             bar.update(1)
     bar.close()

@@ -27,9 +27,9 @@ import torch
 
 from trainables.errors import UserError
 from trainables.models.base import VLPModel
-from trainables.models.hf_blip import load_hf_blip_caption, load_hf_blip_retrieval
-from trainables.models.hf_clip import load_hf_clip
-from trainables.models.open_clip_model import build_open_clip
+from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
+from trainables.models.hf_clip import HfClipVLP, load_hf_clip
+from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
 from trainables.models.tiny_clip import TinyClipConfig, build_tiny_clip, load_tiny_clip
 from trainables.models.weights import load_strict, read_state_dict
 
@@ -132,28 +132,59 @@ def _load_hf_blip_caption(spec: ModelSpec) -> VLPModel:
     return load_hf_blip_caption(Path(spec.name), str(spec))
 
 
-# kind -> (needs a name after ':', loader)
-MODEL_KINDS: dict[str, tuple[bool, Callable[[ModelSpec], VLPModel]]] = {
-    "tiny-clip": (False, _load_tiny_clip),
-    "open_clip": (True, _load_open_clip),
-    "hf-clip": (True, _load_hf_clip),
-    "hf-blip-itr": (True, _load_hf_blip_retrieval),
-    "hf-blip-cap": (True, _load_hf_blip_caption),
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model spec.
+
+    Attributes:
+        needs_name: the spec needs a ``:NAME`` part (an architecture or a directory).
+        loader: builds the model from a parsed spec.
+        model_class: the VLPModel class the loader returns; its class attributes (``has_text_encoder``)
+            answer questions about a spec before anything is loaded.
+    """
+
+    needs_name: bool
+    loader: Callable[[ModelSpec], VLPModel]
+    model_class: type[VLPModel]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "tiny-clip": ModelKind(False, _load_tiny_clip, OpenClipVLP),
+    "open_clip": ModelKind(True, _load_open_clip, OpenClipVLP),
+    "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP),
+    "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP),
+    "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.
 DIRECTORY_KINDS = ("hf-clip", "hf-blip-itr", "hf-blip-cap")
 
 
+def _split_spec(text: str) -> tuple[str, str, str]:
+    """``"kind:name@weights"`` -> (kind, name, weights), each "" when absent; nothing is checked."""
+    head, _, weights = text.strip().partition("@")
+    kind, _, name = head.partition(":")
+    return kind, name, weights
+
+
+def is_captioner_spec(text: str) -> bool:
+    """Whether a model spec names a captioning model (no text encoder), read from its kind's class; loads nothing.
+
+    Config validation uses it before any file is read (paths may live on another
+    machine). An unknown kind is not a captioner here; ``parse_model_spec`` refuses it.
+    """
+    kind = MODEL_KINDS.get(_split_spec(text)[0]) if isinstance(text, str) else None
+    return kind is not None and not kind.model_class.has_text_encoder
+
+
 def parse_model_spec(text: str) -> ModelSpec:
     """Parse and check a model spec string (kind known, name present where needed, weights file exists)."""
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"model spec {text!r} is empty: use one of {', '.join(MODEL_KINDS)} (e.g. tiny-clip)")
-    head, _, weights = text.strip().partition("@")
-    kind, _, name = head.partition(":")
+    kind, name, weights = _split_spec(text)
     if kind not in MODEL_KINDS:
         raise UserError(f"unknown model kind {kind!r} in model spec {text!r}: use one of {', '.join(MODEL_KINDS)}")
-    needs_name, _ = MODEL_KINDS[kind]
+    needs_name = MODEL_KINDS[kind].needs_name
     if needs_name and not name:
         if kind in DIRECTORY_KINDS:
             raise UserError(f"model spec {text!r} needs a model directory: write {kind}:/abs/path/to/dir")
@@ -182,5 +213,4 @@ def parse_model_spec(text: str) -> ModelSpec:
 def load_model(spec: str | ModelSpec) -> VLPModel:
     """Build the model a spec names, in eval mode with the text side frozen."""
     parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
-    _, loader = MODEL_KINDS[parsed.kind]
-    return loader(parsed).eval()
+    return MODEL_KINDS[parsed.kind].loader(parsed).eval()
