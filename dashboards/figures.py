@@ -18,6 +18,7 @@ from matplotlib.ticker import NullFormatter
 
 from dashboards.importance import Importances
 from dashboards.records import CLEAN_TR1, Trial
+from platform.compare import is_caption_metric
 
 DPI = 90
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -92,10 +93,11 @@ def tradeoff_figure(trials: Sequence[Trial], robust: str) -> Figure:
 
 
 def curves_figure(trial: Trial, losses: Sequence[str], evals: Sequence[str]) -> Figure:
-    """One trial's per-epoch loss terms (left) and evaluation recall (right), as MLflow's metric history holds them."""
+    """One trial's per-epoch loss terms (left) and evaluation recall or caption metrics (right), as MLflow's history holds them."""
     figure = new_figure(10, 3.4)
     left, right = figure.subplots(1, 2)
-    for axes, keys, title in ((left, losses, "training loss terms"), (right, evals, "evaluation recall@1 (%)")):
+    evaluation = "evaluation caption metrics (x100)" if any(is_caption_metric(k) for k in evals) else "evaluation recall@1 (%)"
+    for axes, keys, title in ((left, losses, "training loss terms"), (right, evals, evaluation)):
         drawn = [k for k in keys if trial.history.get(k)]
         for key in drawn:
             steps, values = zip(*trial.history[key])

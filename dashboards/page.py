@@ -28,6 +28,11 @@ nav a { margin-right: 14px; } code { font-size: 12px; }
 """
 
 
+# Column labels of the caption metrics, as the COCO caption evaluation and the paper print them.
+CAPTION_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
+                  "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE"}
+
+
 @dataclass(frozen=True)
 class FigureFile:
     """A rendered figure: embedded in the page and written as ``<name>.png`` beside it."""
@@ -48,14 +53,14 @@ def figure_html(figure: FigureFile, caption: str = "") -> str:
 
 
 def cell(value: object) -> str:
-    """Recall and other floats to one decimal, as the paper prints them; missing values as a dash."""
+    """Recall, caption scores (x100) and other floats to one decimal, as the paper prints them; missing values as a dash."""
     if isinstance(value, float):
         return f"{value:.1f}"
     return "-" if value is None else str(value)
 
 
 def best_values(columns: list[str], rows: list[dict]) -> dict[str, float]:
-    """The highest value of each column (recall: higher is better)."""
+    """The highest value of each column (recall and caption metrics: higher is better)."""
     best = {}
     for column in columns:
         values = [row[column] for row in rows if isinstance(row.get(column), (int, float))]
@@ -65,7 +70,7 @@ def best_values(columns: list[str], rows: list[dict]) -> dict[str, float]:
 
 
 def metric_header(metric_columns: list[str]) -> tuple[str, str]:
-    """Two header rows, paper style: ``clean`` / ``pgd eps4`` spanning their ``TR@1 IR@1`` columns."""
+    """Two header rows, paper style: ``clean`` / ``pgd eps4`` spanning their ``TR@1 IR@1`` (or ``BLEU-4 ... CIDEr``) columns."""
     groups: list[tuple[str, list[str]]] = []
     for column in metric_columns:
         prefix, key = column.rsplit("/", 1)
@@ -74,8 +79,14 @@ def metric_header(metric_columns: list[str]) -> tuple[str, str]:
         else:
             groups.append((prefix, [key]))
     top = "".join(f'<th colspan="{len(keys)}">{escape(_attack_label(prefix))}</th>' for prefix, keys in groups)
-    bottom = "".join(f"<th>{escape(key.upper()[:2])}@{escape(key[2:])}</th>" for _, keys in groups for key in keys)
+    bottom = "".join(f"<th>{escape(_key_label(key))}</th>" for _, keys in groups for key in keys)
     return top, bottom
+
+
+def _key_label(key: str) -> str:
+    if key in CAPTION_LABELS:
+        return CAPTION_LABELS[key]
+    return f"{key.upper()[:2]}@{key[2:]}"  # tr1 -> TR@1
 
 
 def _attack_label(prefix: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from platform.compare import GROUP_TAGS, find_experiment, recall_columns
+from platform.compare import CAPTION_RANK, GROUP_TAGS, caption_columns, find_experiment, is_caption_metric, recall_columns
 from platform.tracking import CHECKPOINT_ARTIFACT_DIR, FAILURE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from trainables.checkpoint import VISION_FILE
 from trainables.errors import UserError
@@ -87,9 +87,9 @@ class ExperimentRecords:
 
 
 def curve_metrics(metric_names: set[str]) -> tuple[list[str], list[str]]:
-    """(loss terms, eval recall@1 columns) present among ``metric_names``, in a fixed order."""
+    """(loss terms, eval columns: recall@1, or a captioner's caption metrics) present among ``metric_names``, in a fixed order."""
     losses = [train_metric(k) for k in LOSS_KEYS if train_metric(k) in metric_names]
-    return losses, recall_columns(metric_names)
+    return losses, recall_columns(metric_names) + caption_columns(metric_names)
 
 
 def load_records(client: MlflowClient, experiment_name: str, tracking_uri: str) -> ExperimentRecords:
@@ -141,13 +141,36 @@ def _checkpoint_uri(client: MlflowClient, run: Run) -> str | None:
 
 
 def default_objective(records: ExperimentRecords) -> str | None:
-    """The robust recall the report plots: the sweeps' first robust objective, else the last robust TR@1 column."""
+    """The metric the report plots: the sweeps' first robust objective, else the last robust TR@1 column.
+
+    An experiment without robust recall (only captioners, whose sweeps score clean captions)
+    falls to its sweeps' first caption objective, else ``clean/cider`` when a trial recorded it.
+    """
     for sweep in records.sweeps:
         for objective in sweep.objectives:
             if not objective["metric"].startswith(f"{CLEAN}/"):
                 return objective["metric"]  # even before any trial recorded it: the page then says so
     robust = [c for c in recall_columns(records.metric_names()) if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
-    return robust[-1] if robust else None
+    if robust:
+        return robust[-1]
+    for sweep in records.sweeps:
+        for objective in sweep.objectives:
+            if is_caption_metric(objective["metric"]):
+                return objective["metric"]
+    return CAPTION_RANK if CAPTION_RANK in records.metric_names() else None
+
+
+def sweep_objective(sweep: Sweep, trials: list[Trial], preferred: str) -> str:
+    """``preferred`` if a finished trial of ``sweep`` recorded it, else the sweep's own first objective.
+
+    In an experiment mixing retrieval and captioner sweeps the report's objective is a
+    robust recall, which a captioner sweep never records: its own objective (``clean/cider``)
+    is the one its importances and scatter can show.
+    """
+    recorded = any(t.sweep_id == sweep.sweep_id and t.status == "FINISHED" and preferred in t.metrics for t in trials)
+    if recorded or not sweep.objectives:
+        return preferred
+    return sweep.objectives[0]["metric"]
 
 
 def objective_mode(records: ExperimentRecords, metric: str) -> str:

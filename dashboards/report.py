@@ -1,12 +1,13 @@
 """One HTML report of a sweep experiment: ``python -m dashboards.report --experiment NAME --out report.html``.
 
 The page holds the paper-style table (model × defense × eps; clean and every
-attack × eps TR@1/IR@1, best per column in bold), the clean-vs-robust trade-off
-with its Pareto front, Optuna's hyperparameter importances and a scatter of
-every searched param against robust recall, a table of every trial (MLflow run
-id, checkpoint artifact) and each trial's per-epoch learning curves. Figures
-are embedded (base64 PNG) and also written beside the page, in ``<out>_files/``.
-Reads MLflow only; never recomputes a metric.
+attack × eps TR@1/IR@1, a captioner's BLEU-4/METEOR/ROUGE-L/CIDEr, best per column
+in bold), the clean-vs-robust trade-off with its Pareto front, Optuna's
+hyperparameter importances and a scatter of every searched param against the
+objective (robust recall; a captioner sweep's own, ``clean/cider``), a table of
+every trial (MLflow run id, checkpoint artifact) and each trial's per-epoch
+learning curves. Figures are embedded (base64 PNG) and also written beside the
+page, in ``<out>_files/``. Reads MLflow only; never recomputes a metric.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from mlflow.tracking import MlflowClient
 from dashboards import figures, page
 from dashboards.page import FigureFile
 from dashboards.importance import EVALUATORS, sweep_importances
-from dashboards.records import CLEAN_TR1, ExperimentRecords, curve_metrics, default_objective, load_records, objective_mode
+from dashboards.records import (CLEAN_TR1, ExperimentRecords, Trial, curve_metrics, default_objective, load_records,
+                                objective_mode, sweep_objective)
 from platform.cli import run_cli
-from platform.compare import check_tracking_store, comparison_rows
+from platform.compare import CAPTION_RANK, check_tracking_store, comparison_rows, is_caption_metric
 from trainables.errors import UserError
 
 TEXT_COLUMNS = ["model", "defense", "eps", "trials"]
@@ -54,6 +56,8 @@ def paper_section(client: MlflowClient, records: ExperimentRecords, robust: str 
         row["checkpoint"] = checkpoints.get(row["run_id"])
     metrics = [c for c in columns if c not in TEXT_COLUMNS and c not in TAIL_COLUMNS]
     ranked = robust or "the last robust TR@1 column"
+    if any(is_caption_metric(m) for m in metrics) and ranked != CAPTION_RANK:
+        ranked += f" (a row that does not record it: by {CAPTION_RANK} for a captioner, the last robust TR@1 column otherwise)"
     return (page.note_html(f"Each row is the best finished trial of its model × defense × training eps by {ranked}; "
                            "the best value of each column is in bold.")
             + page.paper_table_html(TEXT_COLUMNS, metrics, TAIL_COLUMNS, rows))
@@ -61,7 +65,7 @@ def paper_section(client: MlflowClient, records: ExperimentRecords, robust: str 
 
 def trials_section(records: ExperimentRecords, robust: str | None) -> str:
     params = [k for k in records.searched_params() if k != "eps"]  # the eps column already shows it, in /255
-    metrics = list(dict.fromkeys(m for m in (CLEAN_TR1, "clean/ir1", robust) if m))
+    metrics = list(dict.fromkeys(m for m in (*_trial_recall(records), robust, *_trial_captions(records)) if m))
     rows = []
     for t in records.trials:
         row = {"trial": t.trial_id, "sweep": t.sweep_id, "status": t.status, "defense": t.defense, "eps": t.eps}  # eps as tagged: x/255
@@ -72,6 +76,17 @@ def trials_section(records: ExperimentRecords, robust: str | None) -> str:
         rows.append(row)
     columns = ["trial", "sweep", "status", "defense", "eps", *params, *metrics, "run_id", "checkpoint"]
     return page.plain_table_html(columns, rows, "trials", path_columns=("run_id", "checkpoint"))
+
+
+def _trial_recall(records: ExperimentRecords) -> tuple[str, ...]:
+    # Clean recall columns, as always, unless every recorded metric is a captioner's (they would be all dashes).
+    names = records.metric_names()
+    captioners_only = any(is_caption_metric(m) for m in names) and not any(m in names for m in (CLEAN_TR1, "clean/ir1"))
+    return () if captioners_only else (CLEAN_TR1, "clean/ir1")
+
+
+def _trial_captions(records: ExperimentRecords) -> list[str]:
+    return [m for m in ("clean/bleu4", CAPTION_RANK) if m in records.metric_names()]
 
 
 def _param_cell(key: str, raw: str | None) -> str:
@@ -97,11 +112,7 @@ def build_report(client: MlflowClient, experiment: str, tracking_uri: str, out: 
 
     finished = records.finished()
     sections = [("table", "Paper-style table", paper_section(client, records, robust))]
-    if robust and any(CLEAN_TR1 in t.metrics and robust in t.metrics for t in finished):
-        inner = add("tradeoff", f"{CLEAN_TR1} vs {robust}", figures.tradeoff_figure(finished, robust))
-    else:
-        inner = page.reason_html(f"no finished trial has both {CLEAN_TR1} and a robust recall metric to plot against it")
-    sections.append(("tradeoff", "Clean vs robust trade-off", inner))
+    sections.append(("tradeoff", "Clean vs robust trade-off", _tradeoff_section(finished, robust, add)))
     sections.append(("params", "Hyperparameters", _params_section(records, robust, evaluator, add)))
     sections.append(("trials", "Trials", trials_section(records, robust)))
     curves = []
@@ -111,30 +122,53 @@ def build_report(client: MlflowClient, experiment: str, tracking_uri: str, out: 
     sections.append(("curves", "Learning curves", "\n".join(curves)))
     meta = [f"tracking URI: {tracking_uri}", f"generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             f"{len(records.sweeps)} sweep(s), {len(records.trials)} trial run(s), {len(finished)} finished",
-            f"robust objective: {robust or '(none recorded)'}"]
+            f"{_objective_label(robust)}: {robust or '(none recorded)'}"]
     return _write(out, page.document(f"Sweep report: {experiment}", sections, meta), made, robust)
+
+
+def _objective_label(objective: str | None) -> str:
+    return "objective" if objective and is_caption_metric(objective) else "robust objective"
+
+
+def _tradeoff_section(finished: list[Trial], robust: str | None, add: AddFigure) -> str:
+    """The clean-vs-robust figure of the retrieval trials: a captioner's sweep scores clean captions only."""
+    captioners = len([t for t in finished if any(is_caption_metric(m) for m in t.metrics)])
+    clean_only = "score clean captions only (robust captioning is measured afterwards, with python -m platform.evaluate_captions)"
+    if not (robust and any(CLEAN_TR1 in t.metrics and robust in t.metrics for t in finished)):
+        if captioners:
+            return page.reason_html(f"no clean-vs-robust trade-off to draw: the {captioners} finished captioner trial(s) {clean_only}")
+        return page.reason_html(f"no finished trial has both {CLEAN_TR1} and a robust recall metric to plot against it")
+    figure = add("tradeoff", f"{CLEAN_TR1} vs {robust}", figures.tradeoff_figure(finished, robust))
+    if captioners:
+        figure += page.note_html(f"The {captioners} finished captioner trial(s) are not in this figure: they {clean_only}.")
+    return figure
 
 
 def _params_section(records: ExperimentRecords, robust: str | None, evaluator: str, add: AddFigure) -> str:
     if robust is None:
-        return page.reason_html("no robust recall metric was recorded, so there is nothing to attribute to the parameters")
+        return page.reason_html("no robust recall or caption metric was recorded, so there is nothing to attribute to the parameters")
     parts = []
     for sweep in records.sweeps:
-        result = sweep_importances(sweep, records.trials, robust, objective_mode(records, robust), evaluator)
+        metric = sweep_objective(sweep, records.trials, robust)
+        result = sweep_importances(sweep, records.trials, metric, objective_mode(records, metric), evaluator)
         heading = page.subheading_html(f"Importances ({evaluator}) for sweep {sweep.sweep_id}")
         body = (add(f"importance-{page.slug(sweep.sweep_id)}", f"importances in sweep {sweep.sweep_id}", figures.importance_figure(result))
                 if result.values else page.reason_html(f"importances not shown: {result.reason}"))
         parts.append(heading + body + "".join(page.note_html(n) for n in result.notes))
     if not records.sweeps:
         parts.append(page.reason_html("importances not shown: no parent sweep run (with the searched space) in this experiment"))
-    params = records.searched_params()
-    scored = [t for t in records.finished() if robust in t.metrics]
-    if params and scored:
-        log_params = {k for s in records.sweeps for k, d in s.space.items() if d.get("distribution") == "loguniform"}
-        parts.append(add("params", f"searched params vs {robust}", figures.params_figure(scored, params, robust, log_params)))
-    else:
-        parts.append(page.reason_html("no searched parameter, or no finished trial with the robust metric, to plot"))
+    metrics = dict.fromkeys([robust, *(sweep_objective(s, records.trials, robust) for s in records.sweeps)])
+    parts += [_params_scatter(records, metric, "params" if metric == robust else f"params-{page.slug(metric)}", add) for metric in metrics]
     return "\n".join(parts)
+
+
+def _params_scatter(records: ExperimentRecords, metric: str, name: str, add: AddFigure) -> str:
+    params = records.searched_params()
+    scored = [t for t in records.finished() if metric in t.metrics]
+    if not (params and scored):
+        return page.reason_html(f"no searched parameter, or no finished trial with {metric}, to plot")
+    log_params = {k for s in records.sweeps for k, d in s.space.items() if d.get("distribution") == "loguniform"}
+    return add(name, f"searched params vs {metric}", figures.params_figure(scored, params, metric, log_params))
 
 
 def _write(out: Path, text: str, made: list[FigureFile], robust: str | None) -> Report:
@@ -159,8 +193,8 @@ def main() -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the embedded sqlite:///mlflow.db)")
     parser.add_argument("--out", default="report.html", help="HTML file to write; figures go to <out stem>_files/ beside it")
-    parser.add_argument("--objective", help="robust metric for the trade-off, importances and scatter plots "
-                                            "(default: the sweep's first robust objective, e.g. pgd/eps4/tr1)")
+    parser.add_argument("--objective", help="robust metric for the trade-off, importances and scatter plots (default: the "
+                                            "sweep's first robust objective, e.g. pgd/eps4/tr1; clean/cider for captioner sweeps)")
     parser.add_argument("--importance", choices=sorted(EVALUATORS), default="fanova", help="Optuna importance evaluator (default: fanova)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the in-memory studies' creation notices are noise here

@@ -2,7 +2,12 @@
 
 Rows: model × defense × training eps (the best finished trial of each group by
 ``--rank-by``); columns: clean TR@1/IR@1 and every attack × eps TR@1/IR@1 found in
-the runs. Reads MLflow only; it never recomputes a metric.
+the runs, then, for captioners (``hf-blip-cap``), clean BLEU-4, METEOR (with Java),
+ROUGE-L, CIDEr (SPICE with its jars) and any attack × eps of them. An experiment
+mixing both has the union of the columns; a row lacks the other kind's cells.
+By default a retrieval group is ranked by the last robust TR@1 column (else clean
+TR@1) and a captioner group by ``clean/cider``, the objective its sweeps optimise.
+Reads MLflow only; it never recomputes a metric.
 """
 
 from __future__ import annotations
@@ -18,20 +23,58 @@ from mlflow.tracking import MlflowClient
 from platform.cli import run_cli
 from platform.tracking import ROLE_TAG
 from trainables.errors import UserError
+from trainables.names import CAPTION_KEYS, CLEAN
 
-ATTACK_METRIC = re.compile(r"^(?P<attack>[a-z0-9-]+)/eps(?P<eps>[0-9.]+)/(?P<key>tr1|ir1)$")
 GROUP_TAGS = ("mava.model", "mava.defense", "mava.eps")
+RECALL_TABLE_KEYS = ("tr1", "ir1")
+# The paper's captioning columns (Table 8): BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE; BLEU-1..3 stay in MLflow.
+CAPTION_TABLE_KEYS = tuple(k for k in CAPTION_KEYS if k not in ("bleu1", "bleu2", "bleu3"))
+CAPTION_RANK = f"{CLEAN}/cider"  # what a captioner sweep optimises (search_spaces/paper-blip-captioning.yaml)
+
+
+def _attack_metric(keys: tuple[str, ...]) -> re.Pattern:
+    return re.compile(rf"^(?P<attack>[a-z0-9-]+)/eps(?P<eps>[0-9.]+)/(?P<key>{'|'.join(keys)})$")
+
+
+ATTACK_METRIC = _attack_metric(RECALL_TABLE_KEYS)
+ATTACK_CAPTION_METRIC = _attack_metric(CAPTION_TABLE_KEYS)
+
+
+def _table_columns(metric_names: set[str], keys: tuple[str, ...], pattern: re.Pattern) -> list[str]:
+    """``clean/<key>`` for each key, then each attack × eps (sorted by attack, then eps) and its keys, if recorded."""
+    found = [pattern.match(name) for name in metric_names]
+    pairs = sorted({(m["attack"], float(m["eps"])) for m in found if m})
+    columns = [c for c in (f"{CLEAN}/{key}" for key in keys) if c in metric_names]
+    for attack, eps in pairs:
+        columns += [c for c in (f"{attack}/eps{eps:g}/{key}" for key in keys) if c in metric_names]
+    return columns
 
 
 def recall_columns(metric_names: set[str]) -> list[str]:
     """``clean/tr1, clean/ir1`` then each attack × eps (sorted by attack, then eps) TR@1 and IR@1."""
-    found = [ATTACK_METRIC.match(name) for name in metric_names]
-    pairs = sorted({(m["attack"], float(m["eps"])) for m in found if m}, key=lambda p: (p[0], p[1]))
-    columns = [c for c in ("clean/tr1", "clean/ir1") if c in metric_names]
-    for attack, eps in pairs:
-        label = f"{eps:g}"
-        columns += [c for c in (f"{attack}/eps{label}/tr1", f"{attack}/eps{label}/ir1") if c in metric_names]
-    return columns
+    return _table_columns(metric_names, RECALL_TABLE_KEYS, ATTACK_METRIC)
+
+
+def caption_columns(metric_names: set[str]) -> list[str]:
+    """``clean/bleu4, clean/meteor, clean/rouge_l, clean/cider, clean/spice`` (those recorded), then each attack × eps of them."""
+    return _table_columns(metric_names, CAPTION_TABLE_KEYS, ATTACK_CAPTION_METRIC)
+
+
+def is_caption_metric(name: str) -> bool:
+    """``clean/cider``, ``pgd/eps2/bleu4``, ...: a metric only a captioner's evaluation records."""
+    return name.rsplit("/", 1)[-1] in CAPTION_KEYS
+
+
+def rank_metric(metric_names: set[str], rank_by: str | None, recall_default: str) -> str:
+    """The metric that picks a group's trial, given the metrics its trials recorded.
+
+    ``rank_by`` where the group records it; otherwise ``clean/cider`` for a captioner group
+    and ``recall_default`` for a retrieval one. In an experiment mixing both, a recall
+    ``--rank-by`` means nothing to the captioner rows, nor ``clean/cider`` to the retrieval rows.
+    """
+    if rank_by in metric_names:
+        return rank_by
+    return CAPTION_RANK if any(is_caption_metric(name) for name in metric_names) else recall_default
 
 
 def check_tracking_store(uri: str) -> None:
@@ -53,20 +96,23 @@ def find_experiment(client: MlflowClient, experiment_name: str) -> Experiment:
 
 
 def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
-    """One row per model × defense × eps: the group's best finished trial by ``rank_by``; returns (columns, rows)."""
+    """One row per model × defense × eps: the group's best finished trial by :func:`rank_metric`; returns (columns, rows)."""
     experiment = find_experiment(client, experiment_name)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'")
     if not runs:
         raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
-    columns = recall_columns({name for run in runs for name in run.data.metrics})
-    robust = [c for c in columns if not c.startswith("clean/") and c.endswith("/tr1")]
-    rank_by = rank_by or (robust[-1] if robust else "clean/tr1")
+    metric_names = {name for run in runs for name in run.data.metrics}
+    recall = recall_columns(metric_names)
+    columns = recall + caption_columns(metric_names)
+    robust = [c for c in recall if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
+    recall_default = robust[-1] if robust else f"{CLEAN}/tr1"
     groups: dict[tuple, list] = {}
     for run in runs:
         groups.setdefault(tuple(run.data.tags.get(t, "?") for t in GROUP_TAGS), []).append(run)
     rows = []
     for (model, defense, eps), members in sorted(groups.items()):
-        best = max(members, key=lambda r: r.data.metrics.get(rank_by, float("-inf")))
+        metric = rank_metric({name for run in members for name in run.data.metrics}, rank_by, recall_default)
+        best = max(members, key=lambda r: r.data.metrics.get(metric, float("-inf")))
         row = {"model": model, "defense": defense, "eps": eps, "trials": len(members)}
         row.update({c: best.data.metrics.get(c) for c in columns})
         row["run_id"] = best.info.run_id
@@ -87,7 +133,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m platform.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment of the sweep file)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: the embedded store)")
-    parser.add_argument("--rank-by", help="metric choosing each group's trial (default: the last robust TR@1 column)")
+    parser.add_argument("--rank-by", help="metric choosing each group's trial; a group that does not record it falls back to "
+                                          "the default: the last robust TR@1 column, or clean/cider for a captioner group")
     parser.add_argument("--csv", help="also write the table as CSV here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args()

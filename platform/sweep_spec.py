@@ -21,9 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainables.attacks import ATTACKS
 from trainables.config import TrainConfig, describe_validation_error, parse_eps, train_config_from
 from trainables.errors import UserError
-from trainables.evaluation.captioning import ALWAYS_COMPUTED_CAPTION_KEYS
 from trainables.models import is_captioner_spec
-from trainables.names import CLEAN, RECALL_KEYS, metric_name
+from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
 
 SEARCHABLE = tuple(name for name in TrainConfig.model_fields if name not in {"model", "train_data", "eval_data", "eval_attacks", "eval_eps", "device", "epochs"})
 EPS_KEYS = {"eps", "pgd_step_size"}

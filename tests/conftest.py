@@ -79,3 +79,14 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
     yield
+
+
+@pytest.fixture(scope="session")
+def fake_sweeps_store(tmp_path_factory) -> str:
+    """A SQLite MLflow store holding experiments ``captions``, ``retrieval`` and ``mixed`` (tests/fake_sweeps.py); no Ray."""
+    from fake_sweeps import write_experiments
+
+    root = tmp_path_factory.mktemp("fake-sweeps")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    write_experiments(uri, str(root / "artifacts"))
+    return uri

@@ -107,6 +107,36 @@ def test_a_sweep_whose_trials_all_failed_gets_a_report_that_says_why(tmp_path):
     assert [p.name for p in report.figure_paths] == [f"curves-{run.info.run_id}.png"]  # the curve it did record
 
 
+def paper_columns(html: str) -> set[str]:
+    return {attrs["data-column"] for row in tables_of(html).get("paper", []) for _, attrs in row if "data-column" in attrs}
+
+
+def test_a_captioner_report_shows_caption_metrics_and_its_own_objective(fake_sweeps_store, tmp_path):
+    report = build_report(MlflowClient(fake_sweeps_store), "captions", fake_sweeps_store, tmp_path / "r.html")
+    html = report.html_path.read_text()
+    assert report.objective == "clean/cider" and "objective: clean/cider" in html and "robust objective" not in html
+    assert paper_columns(html) == {"clean/bleu4", "clean/meteor", "clean/rouge_l", "clean/cider"}
+    assert all(f"<th>{label}</th>" in html for label in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")) and "<th>BL@" not in html
+    best = [text for row in tables_of(html)["paper"] for text, attrs in row if attrs.get("data-column") == "clean/cider"]
+    assert sorted(best) == ["50.0", "80.0"]  # the CIDEr-best trial of each eps group
+    assert "no clean-vs-robust trade-off to draw: the 4 finished captioner trial(s) score clean captions only" in html
+    names = {path.stem for path in report.figure_paths}
+    assert {"params", "importance-cap-1"} <= names and "tradeoff" not in names  # importances and scatter of clean/cider
+    trials_header = re.search(r'<table class="trials"><thead><tr>(.*?)</tr>', html).group(1)
+    assert "clean/cider" in trials_header and "clean/bleu4" in trials_header and "clean/tr1" not in trials_header
+
+
+def test_a_mixed_report_plots_retrieval_tradeoffs_and_each_sweeps_own_objective(fake_sweeps_store, tmp_path):
+    report = build_report(MlflowClient(fake_sweeps_store), "mixed", fake_sweeps_store, tmp_path / "r.html")
+    html = report.html_path.read_text()
+    assert report.objective == "pgd/eps4/tr1"
+    assert {"clean/tr1", "pgd/eps4/tr1", "clean/bleu4", "clean/cider"} <= paper_columns(html)
+    assert "by clean/cider for a captioner" in html  # the table says how the captioner rows were chosen
+    names = {path.stem for path in report.figure_paths}
+    assert {"tradeoff", "params", "params-clean-cider", "importance-mixed-ret-1", "importance-mixed-cap-1"} <= names
+    assert "The 4 finished captioner trial(s) are not in this figure" in html and "importances not shown" not in html
+
+
 def test_dashboards_only_read_mlflow():
     """Every MLflow call in dashboards/ (and in the compare rows it reuses) is one of the client's read calls."""
     reads = {"get_experiment_by_name", "search_experiments", "search_runs", "get_run", "get_metric_history", "list_artifacts"}

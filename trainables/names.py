@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 RECALL_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10")
+# COCO caption metrics (x100) of a captioner's evaluation (trainables.evaluation.captioning).
+CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
+# Computed in pure Python, so present in every result (METEOR needs Java, SPICE downloaded jars):
+# the keys a sweep may optimise.
+ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
 EPOCH = "epoch"
 CLEAN = "clean"

@@ -43,12 +43,8 @@ from trainables.attacks import get_attack
 from trainables.attacks.base import frozen_eval
 from trainables.data.items import collate
 from trainables.errors import UserError
-from trainables.names import CLEAN, metric_name
+from trainables.names import CAPTION_KEYS, CLEAN, metric_name
 
-CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
-# Computed in pure Python, so present in every result (METEOR needs Java, SPICE downloaded jars):
-# the keys a sweep may optimise.
-ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 # The jars SPICE's get_stanford_models() would download into pycocoevalcap/spice/lib.
 _SPICE_JARS = (f"{spice_models.JAR}.jar", f"{spice_models.JAR}-models.jar")
 _SCALE = 100.0
