@@ -79,10 +79,18 @@ class ExperimentRecords:
     def metric_names(self) -> set[str]:
         return {name for t in self.trials for name in t.metrics}
 
-    def searched_params(self) -> list[str]:
-        """Searched keys of every sweep, plus any paper parameter whose value differs between trials."""
-        keys = [k for s in self.sweeps for k in s.searched()]
-        keys += [k for k in PAPER_PARAMS if len({t.params.get(k) for t in self.trials if k in t.params}) > 1]
+    def searched_params(self, trials: list[Trial] | None = None) -> list[str]:
+        """Searched keys of every sweep, plus any paper parameter whose value differs between trials.
+
+        Given ``trials``, only their sweeps and their values count: a captioner sweep's
+        scatter has no panel for the ``a`` a retrieval sweep searched (a captioner's is 0).
+        """
+        if trials is None:
+            sweeps, trials = self.sweeps, self.trials
+        else:
+            sweeps = [s for s in self.sweeps if s.sweep_id in {t.sweep_id for t in trials}]
+        keys = [k for s in sweeps for k in s.searched()]
+        keys += [k for k in PAPER_PARAMS if len({t.params.get(k) for t in trials if k in t.params}) > 1]
         return list(dict.fromkeys(keys))
 
 

@@ -163,8 +163,8 @@ def _params_section(records: ExperimentRecords, robust: str | None, evaluator: s
 
 
 def _params_scatter(records: ExperimentRecords, metric: str, name: str, add: AddFigure) -> str:
-    params = records.searched_params()
     scored = [t for t in records.finished() if metric in t.metrics]
+    params = records.searched_params(scored)
     if not (params and scored):
         return page.reason_html(f"no searched parameter, or no finished trial with {metric}, to plot")
     log_params = {k for s in records.sweeps for k, d in s.space.items() if d.get("distribution") == "loguniform"}

@@ -1,0 +1,109 @@
+"""The paper-style table (platform.compare) of retrieval, captioner and mixed experiments, from MLflow records.
+
+The records are written by the sweep's own MLflow tracker fed made-up results
+(tests/fake_sweeps.py): no Ray, no training, seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dashboards.page import CAPTION_LABELS
+from fake_sweeps import CAPTIONER, RETRIEVER
+from platform import compare
+from platform.compare import caption_columns, comparison_rows, markdown, recall_columns
+from platform.tracking import SWEEP_TAG, TRIAL_TAG
+from trainables.names import CAPTION_KEYS
+
+TEXT = ["model", "defense", "eps", "trials"]
+RECALL = ["clean/tr1", "clean/ir1", "pgd/eps4/tr1", "pgd/eps4/ir1"]
+
+
+def trial_of(client: MlflowClient, run_id: str) -> str:
+    """The trial id of a row's run (``c2``), as the sweep tagged it."""
+    return client.get_run(run_id).data.tags[TRIAL_TAG]
+
+
+def rows_by_group(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(row["model"], row["eps"]): row for row in rows}
+
+
+def test_caption_columns_are_the_papers_in_order_then_each_attack_and_eps():
+    names = {"clean/bleu1", "clean/bleu4", "clean/cider", "clean/rouge_l", "pgd/eps2/cider", "pgd/eps2/bleu4",
+             "apgd/eps4/cider", "train/l_sca", "epoch", "clean/tr1"}
+    assert caption_columns(names) == ["clean/bleu4", "clean/rouge_l", "clean/cider", "apgd/eps4/cider", "pgd/eps2/bleu4", "pgd/eps2/cider"]
+    assert recall_columns(names) == ["clean/tr1"]  # neither kind takes the other's columns
+    assert caption_columns({"clean/meteor", "clean/spice", "clean/cider"}) == ["clean/meteor", "clean/cider", "clean/spice"]
+
+
+def test_every_caption_metric_has_a_column_label():
+    assert set(CAPTION_LABELS) == set(CAPTION_KEYS)
+
+
+def test_a_retrieval_experiment_keeps_its_columns_and_its_robust_ranking(fake_sweeps_store):
+    columns, rows = comparison_rows(MlflowClient(fake_sweeps_store), "retrieval")
+    assert columns == [*TEXT, *RECALL, "run_id"]
+    assert len(rows) == 1 and rows[0]["trials"] == 3
+    assert trial_of(MlflowClient(fake_sweeps_store), rows[0]["run_id"]) == "r2"  # the last robust TR@1 column, not clean TR@1 (r1)
+    assert rows[0]["pgd/eps4/tr1"] == 15.0
+
+
+def test_a_captioner_experiment_shows_caption_metrics_and_ranks_by_cider(fake_sweeps_store):
+    client = MlflowClient(fake_sweeps_store)
+    columns, rows = comparison_rows(client, "captions")
+    # METEOR only where Java scored it (trial c4), BLEU-1..3 left in MLflow, no recall column.
+    assert columns == [*TEXT, "clean/bleu4", "clean/meteor", "clean/rouge_l", "clean/cider", "run_id"]
+    groups = rows_by_group(rows)
+    assert set(groups) == {(CAPTIONER, "2/255"), (CAPTIONER, "4/255")}
+    eps2, eps4 = groups[(CAPTIONER, "2/255")], groups[(CAPTIONER, "4/255")]
+    assert eps2["trials"] == 3 and trial_of(client, eps2["run_id"]) == "c2"
+    assert (eps2["clean/cider"], eps2["clean/bleu4"], eps2["clean/meteor"]) == (80.0, 10.0, None)
+    assert eps4["clean/meteor"] == 22.0
+    _, by_bleu = comparison_rows(client, "captions", rank_by="clean/bleu4")
+    assert trial_of(client, rows_by_group(by_bleu)[(CAPTIONER, "2/255")]["run_id"]) == "c1"
+
+
+def test_a_mixed_experiment_has_the_union_of_columns_and_ranks_each_kind_by_its_own_metric(fake_sweeps_store):
+    client = MlflowClient(fake_sweeps_store)
+    columns, rows = comparison_rows(client, "mixed")
+    assert columns == [*TEXT, *RECALL, "clean/bleu4", "clean/meteor", "clean/rouge_l", "clean/cider", "run_id"]
+    groups = rows_by_group(rows)
+    retrieval, captioner = groups[(RETRIEVER, "4/255")], groups[(CAPTIONER, "2/255")]
+    assert trial_of(client, retrieval["run_id"]) == "r2" and trial_of(client, captioner["run_id"]) == "c2"
+    assert client.get_run(captioner["run_id"]).data.tags[SWEEP_TAG] == "mixed-cap-1"
+    assert retrieval["clean/cider"] is None and captioner["clean/tr1"] is None
+    # Either kind's --rank-by leaves the other kind's rows on their own default.
+    for rank_by in ("pgd/eps4/tr1", "clean/cider"):
+        _, ranked = comparison_rows(client, "mixed", rank_by=rank_by)
+        assert [trial_of(client, rows_by_group(ranked)[g]["run_id"]) for g in ((RETRIEVER, "4/255"), (CAPTIONER, "2/255"))] == ["r2", "c2"]
+    table = markdown(columns, rows).splitlines()
+    assert table[0].startswith("| model | defense | eps | trials | clean/tr1 |") and "clean/cider" in table[0]
+    retrieval_line = next(line for line in table if line.startswith(f"| {RETRIEVER} |"))
+    assert retrieval_line.split(" | ")[len(TEXT) + len(RECALL):-1] == ["-", "-", "-", "-"]  # no caption cells
+
+
+def test_the_command_line_writes_a_captioner_table(fake_sweeps_store, tmp_path, monkeypatch, capsys):
+    out_csv, out_md = tmp_path / "t.csv", tmp_path / "t.md"
+    monkeypatch.setattr(sys, "argv", ["platform.compare", "--experiment", "captions", "--tracking-uri", fake_sweeps_store,
+                                      "--csv", str(out_csv), "--markdown", str(out_md)])
+    assert compare.main() == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == out_md.read_text().strip()
+    assert "| 80.0 |" in printed and "| 22.0 |" in printed  # CIDEr of c2, METEOR of c4
+    with open(out_csv, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert sorted(float(row["clean/cider"]) for row in table) == [50.0, 80.0]
+
+
+@pytest.mark.parametrize("experiment", ["captions", "mixed"])
+def test_every_caption_cell_is_the_value_mlflow_holds(fake_sweeps_store, experiment):
+    client = MlflowClient(fake_sweeps_store)
+    columns, rows = comparison_rows(client, experiment)
+    for row in rows:
+        metrics = client.get_run(row["run_id"]).data.metrics
+        assert {c: row[c] for c in columns if c in metrics} == {c: metrics[c] for c in columns if c in metrics}
+        assert all(row[c] is None for c in columns if "/" in c and c not in metrics)
