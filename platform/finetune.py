@@ -1,6 +1,6 @@
 """One fine-tuning run in this process, with the model evaluated before and after.
 
-    python -m platform.finetune --defense mava --epochs 2 --set eps=4/255 --set a=0.002
+    python -m platform.finetune --defense mava --epochs 3 --set eps=4/255 --set optimizer=adamw --set lr=1e-4
 
 Prints clean and PGD-robust retrieval recall of the model as loaded, fine-tunes its
 vision encoder with the chosen defense (no Ray), evaluates again and writes every
