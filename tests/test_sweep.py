@@ -89,7 +89,7 @@ def _run(args, **kwargs):
 
 
 def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(random_tiny_clip_weights, tmp_path):
-    data = tiny_sweep(random_tiny_clip_weights, "resumable", num_trials=3)
+    data = tiny_sweep(random_tiny_clip_weights, "resumable", num_trials=2)  # one finished, one interrupted or not started
     data["resources"]["max_concurrent_trials"] = 1
     data["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     data["storage"] = {"path": str(tmp_path / "ray")}
@@ -111,8 +111,8 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(random_
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-3000:]
     runs = trial_runs(client, "resumable")
-    assert len(runs) == 3, [r.data.tags for r in runs]
-    assert len({r.data.tags["mava.trial_id"] for r in runs}) == 3
+    assert len(runs) == 2, [r.data.tags for r in runs]
+    assert len({r.data.tags["mava.trial_id"] for r in runs}) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
     parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
     assert len(parents) == 1
