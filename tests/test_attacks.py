@@ -54,7 +54,8 @@ def random_model(random_tiny_clip_weights):
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)
 def test_every_attack_lowers_recall_of_the_undefended_model(name, pretrained_tiny_clip, synthetic_test_set):
-    settings = EvalSettings(attacks=(name,), eps=(2 / 255, 4 / 255), batch_size=32, max_images=32)
+    # The paper's smaller budget: an attack that lowers recall at 2/255 is not a 4/255 artefact.
+    settings = EvalSettings(attacks=(name,), eps=(2 / 255,), batch_size=32, max_images=32)
     metrics = evaluate_retrieval(pretrained_tiny_clip, synthetic_test_set, settings)
     for eps in settings.eps:
         for key in ("tr1", "ir1"):

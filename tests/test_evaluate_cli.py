@@ -26,7 +26,7 @@ def run_evaluate(*arguments: str) -> subprocess.CompletedProcess:
 def test_evaluate_runs_end_to_end_and_writes_json_rows(tmp_path, pretrained_tiny_clip):
     output = tmp_path / "results.json"
     attacks = ["pgd", "apgd", "co-attack", "sga", "vlp-attack"]
-    result = run_evaluate("--model", "tiny-clip", "--data", "synthetic:test,n=16", "--attacks", ",".join(attacks),
+    result = run_evaluate("--model", "tiny-clip", "--data", "synthetic:test,n=8", "--attacks", ",".join(attacks),
                           "--eps", "2/255,4/255", "--output", str(output), "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = json.loads(output.read_text())

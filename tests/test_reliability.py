@@ -197,54 +197,73 @@ def listening_addresses(root: psutil.Process, port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.port == port}
 
 
+def finished_runs(client: MlflowClient, experiment_name: str, at_least: int) -> list:
+    """Wait until at least ``at_least`` trial runs have finished; returns the finished runs."""
+    def enough():
+        runs = [r for r in trial_runs(client, experiment_name) if r.info.status == "FINISHED"]
+        return runs if len(runs) >= at_least else None
+    return wait_for(enough, f"{at_least} finished trial(s)")
+
+
 @pytest.mark.slow
-def test_a_killed_sweep_driver_resumes_without_losing_or_repeating_a_trial(random_tiny_clip_weights, tmp_path):
-    data = tiny_sweep(random_tiny_clip_weights, "driver-kill", num_trials=2)
+def test_an_interrupted_then_killed_sweep_resumes_without_losing_or_repeating_a_trial(random_tiny_clip_weights, tmp_path):
+    """One sweep of 3 trials, one at a time: Ctrl-C after the first trial, SIGKILL of the driver after the second,
+    and ``--resume`` after each. Every trial is recorded once, and no finished trial runs again."""
+    data = tiny_sweep(random_tiny_clip_weights, "interrupted", num_trials=3)
     data["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     data["storage"] = {"path": str(tmp_path / "ray")}
-    sweep_file = tmp_path / "driver-kill.yaml"
+    sweep_file = tmp_path / "interrupted.yaml"
     sweep_file.write_text(yaml.safe_dump(data))
     client = MlflowClient(data["tracking"]["uri"])
 
+    # 1. Ctrl-C once the first trial has finished: exit 130 with the command that continues the sweep.
     driver = Driver("--space", str(sweep_file))
     root = psutil.Process(driver.process.pid)
     # Services the platform starts stay on this machine: the dashboard listens on loopback only.
     dashboard = wait_for(lambda: re.search(r"View the dashboard at \S*?https?://([\d.]+):(\d+)", driver.output), "Ray's dashboard")
     assert dashboard.group(1) == LOCAL_HOST
     assert wait_for(lambda: listening_addresses(root, int(dashboard.group(2))), "the dashboard socket") == {LOCAL_HOST}
+    finished_runs(client, "interrupted", 1)
+    driver.process.send_signal(signal.SIGINT)
+    assert driver.wait() == 130, driver.output[-4000:]
+    assert re.search(r"was interrupted; finished trials are kept in MLflow\. Continue it with:\n.*--resume \S+", driver.output)
 
-    finished = wait_for(lambda: [r for r in trial_runs(client, "driver-kill") if r.info.status == "FINISHED"], "a finished trial")
-    training = [p for p in root.children(recursive=True) if TRAINING_PROCESSES.search(" ".join(_cmdline(p)))]
+    # 2. Resume, then SIGKILL the driver once the second trial has finished.
+    resumed = Driver("--space", str(sweep_file), "--resume")
+    root = psutil.Process(resumed.process.pid)
+    finished_runs(client, "interrupted", 2)
+    training = wait_for(lambda: [p for p in root.children(recursive=True) if TRAINING_PROCESSES.search(" ".join(_cmdline(p)))],
+                        "the resumed sweep's Ray processes")
     assert any("raylet" in " ".join(_cmdline(p)) for p in training)
-    driver.process.send_signal(signal.SIGKILL)
-    assert driver.wait() == -signal.SIGKILL
+    resumed.process.send_signal(signal.SIGKILL)
+    assert resumed.wait() == -signal.SIGKILL
     # Ray's processes share the driver's fate: no worker of the dead sweep trains on beside the resumed one.
     # (Ray's idle dashboard and runtime-env agents notice later, and only hold memory until then.)
     _, alive = psutil.wait_procs(training, timeout=90)
     assert not alive, [_cmdline(p) for p in alive]
-    [done] = finished
-    done_trial = done.data.tags[TRIAL_TAG]
-    done_checkpoints = sorted((tmp_path / "ray").glob(f"*-train-{done_trial}/checkpoint_*"))
+    finished = {r.data.tags[TRIAL_TAG]: r for r in trial_runs(client, "interrupted") if r.info.status == "FINISHED"}
+    checkpoints = {trial: sorted((tmp_path / "ray").glob(f"*-train-{trial}/checkpoint_*")) for trial in finished}
 
-    resumed = Driver("--space", str(sweep_file), "--resume")
-    assert resumed.wait() == 0, resumed.output[-4000:]
-    runs = trial_runs(client, "driver-kill")
-    assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2, [r.data.tags for r in runs]
-    [parent] = client.search_runs([done.info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    # 3. Resume again: the sweep completes with each planned trial recorded exactly once.
+    last = Driver("--space", str(sweep_file), "--resume")
+    assert last.wait() == 0, last.output[-4000:]
+    runs = trial_runs(client, "interrupted")
+    assert len(runs) == 3 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 3, [r.data.tags for r in runs]
+    [parent] = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     for run in runs:
         assert run.info.status == "FINISHED"
         assert epoch_steps(client, run.info.run_id) == [1, 2]
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/card.json", f"checkpoint/{VISION_FILE}"]
-    again = client.get_run(done.info.run_id)
-    assert again.info.end_time == done.info.end_time  # the finished trial was not run (or recorded) again
-    assert sorted((tmp_path / "ray").glob(f"*-train-{done_trial}/checkpoint_*")) == done_checkpoints
-    # If Tune's saved state still had the finished trial running, the resumed sweep reported its stored
-    # result again; it never restarted its workers (they would have resumed from its last checkpoint).
-    # (Tune rewrites a restored trial's result.json, so it holds only what the resumed driver received.)
     results = tune_results(tmp_path / "ray")
-    assert all(r.get(RESUMED_FROM_KEY, 0) == 0 for r in results if r["trial_id"] == done_trial)
+    for trial, done in finished.items():
+        assert client.get_run(done.info.run_id).info.end_time == done.info.end_time  # not run (or recorded) again
+        assert sorted((tmp_path / "ray").glob(f"*-train-{trial}/checkpoint_*")) == checkpoints[trial]
+        # If Tune's saved state still had a finished trial running, the resumed sweep reported its stored
+        # result again; it never restarted its workers (they would have resumed from its last checkpoint).
+        # (Tune rewrites a restored trial's result.json, so it holds only what the resumed driver received.)
+        assert all(r.get(RESUMED_FROM_KEY, 0) == 0 for r in results if r["trial_id"] == trial)
 
 
 # ---------------------------------------------------------------------------------------------

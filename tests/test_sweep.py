@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -81,41 +79,6 @@ def test_same_file_and_seed_suggest_the_same_first_trials():
         return [search.suggest(f"t{i}") for i in range(3)]
 
     assert first_suggestions() == first_suggestions()
-
-
-def _run(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "platform.sweep", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(random_tiny_clip_weights, tmp_path):
-    data = tiny_sweep(random_tiny_clip_weights, "resumable", num_trials=2)  # one finished, one interrupted or not started
-    data["resources"]["max_concurrent_trials"] = 1
-    data["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    data["storage"] = {"path": str(tmp_path / "ray")}
-    sweep_file = tmp_path / "resumable.yaml"
-    sweep_file.write_text(yaml.safe_dump(data))
-    client = MlflowClient(data["tracking"]["uri"])
-
-    driver = _run(["--space", str(sweep_file)])
-    deadline = time.time() + 600
-    while time.time() < deadline:  # interrupt once the first trial has finished
-        experiment = client.get_experiment_by_name("resumable") if (tmp_path / "mlflow.db").exists() else None
-        if experiment and any(r.info.status == "FINISHED" for r in trial_runs(client, "resumable")):
-            break
-        time.sleep(2)
-    driver.send_signal(signal.SIGINT)
-    driver.communicate(timeout=300)
-
-    resumed = _run(["--space", str(sweep_file), "--resume"])
-    output, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, output[-3000:]
-    runs = trial_runs(client, "resumable")
-    assert len(runs) == 2, [r.data.tags for r in runs]
-    assert len({r.data.tags["mava.trial_id"] for r in runs}) == 2
-    assert all(r.info.status == "FINISHED" for r in runs)
-    parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
-    assert len(parents) == 1
 
 
 def test_ray_job_submit_runs_a_sweep_on_a_cluster(random_tiny_clip_weights, tmp_path):

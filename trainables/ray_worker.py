@@ -41,10 +41,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from trainables.checkpoint import read_checkpoint_state
-from trainables.config import TrainConfig
 from trainables.errors import NonFiniteLossError
-from trainables.train import run_training
 
 NONFINITE_KEY = "error/nonfinite_loss"
 NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss
@@ -57,6 +54,14 @@ REPLAYED_KEY = "replayed"
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: ``config = {"train": TrainConfig fields, "objectives": metric names}``."""
+    # Imported here, not at the top: Tune's trial actor and Ray Train's controller also import this
+    # module (to unpickle ``run_trial`` and this function) in fresh processes, and neither trains.
+    # Only the Train workers pay for open_clip, transformers and the model code (~3 s per process
+    # on 2 idle cores; two processes fewer per trial, see BENCHMARKS.md).
+    from trainables.checkpoint import read_checkpoint_state
+    from trainables.config import TrainConfig
+    from trainables.train import run_training
+
     train_config = TrainConfig(**config["train"])
     objectives = config["objectives"]
     scratch = Path(tempfile.mkdtemp(prefix="mava-ckpt-"))
