@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from benchmarks import mava_step as mava_benchmark
+from conftest import REPO_ROOT
 from benchmarks.naive_mava import naive_mava_step
 from trainables.config import Precision, TrainConfig, train_config_from
 from trainables.data.synthetic import SyntheticWorld
@@ -211,3 +214,13 @@ def test_sweep_overhead_benchmark_runs_and_writes_its_documented_json(ray_sessio
     assert trial["training_seconds"] < trial["trial_wall_seconds"]  # the trial's MLflow run spans its training
     assert 0 < result["training_seconds"] < result["wall_seconds"]
     assert result["sweep_overhead"] == pytest.approx(result["wall_seconds"] / result["training_seconds"])
+
+
+def test_processes_that_do_not_train_import_no_model_code():
+    """Tune's trial actor and Ray Train's controller import ``trainables.ray_worker`` in fresh processes
+    every trial; only the Train workers need open_clip, transformers and the training loop."""
+    probe = ("import sys, trainables.ray_worker; "
+             "print(sorted(m for m in ('open_clip', 'transformers', 'trainables.train', 'trainables.models') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
