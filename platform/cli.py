@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from trainables.errors import UserError
@@ -33,3 +35,15 @@ def parse_assignments(pairs: list[str], flag: str) -> dict[str, str]:
             raise UserError(f"{flag} {pair!r} is not KEY=VALUE: write e.g. {flag} lr=1e-4")
         values[key.strip()] = value.strip()
     return values
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and write a probe file into it, now rather than after minutes of compute;
+    a UserError names the folder and the option to change."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror or error}): choose a writable {option}") from None

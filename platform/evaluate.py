@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from platform.cli import run_cli
+from platform.cli import check_writable, run_cli
 from trainables.attacks import ATTACKS
 from trainables.checkpoint import VISION_FILE
 from trainables.config import parse_eps
@@ -120,13 +119,7 @@ def output_path(text: str) -> Path:
     output = Path(text).expanduser().resolve()
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: give a file name, e.g. {output / 'results.json'}")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.parent / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--output {output}: cannot write to {output.parent} ({error.strerror or error}): choose a writable path") from None
+    check_writable(output.parent, "folder for --output")
     return output
 
 

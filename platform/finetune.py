@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from platform.cli import parse_assignments, run_cli
+from platform.cli import check_writable, parse_assignments, run_cli
 from trainables.attacks import ATTACKS
 from trainables.config import train_config_from
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
@@ -54,13 +53,7 @@ def writable_folder(out: Path) -> Path:
     """``--out``, created if needed; a UserError when it cannot hold checkpoints."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the checkpoints and results.json")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--out {out}: cannot write there ({error.strerror or error}): choose a writable folder") from None
+    check_writable(out, "--out folder")
     return out
 
 

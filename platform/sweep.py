@@ -26,7 +26,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from platform.cli import parse_assignments, run_cli
+from platform.cli import check_writable, parse_assignments, run_cli
 from platform.search import final_key, num_samples, planned_trials, scheduler, searcher, tune_space
 from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
 from platform.tracking import (ROLE_TAG, SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
@@ -81,17 +81,6 @@ def check_locations(locations: Locations) -> None:
     for option, directory in local_dirs:
         check_writable(Path(directory), option)
     check_tracking_server(locations.tracking_uri)
-
-
-def check_writable(path: Path, option: str) -> None:
-    """Create ``path`` if needed and write a probe file into it; a UserError names the option to change."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to {path} ({error.strerror or error}): choose a writable {option}") from None
 
 
 # While checking the tracking server: one quick try instead of MLflow's default minutes of retries.
