@@ -86,7 +86,8 @@ def _trial_recall(records: ExperimentRecords) -> tuple[str, ...]:
 
 
 def _trial_captions(records: ExperimentRecords) -> list[str]:
-    return [m for m in ("clean/bleu4", CAPTION_RANK) if m in records.metric_names()]
+    names = records.metric_names()
+    return [m for m in ("clean/bleu4", CAPTION_RANK) if m in names]
 
 
 def _param_cell(key: str, raw: str | None) -> str:

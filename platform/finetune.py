@@ -21,9 +21,8 @@ from trainables.attacks import ATTACKS
 from trainables.config import train_config_from
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
-from trainables.evaluation.captioning import CAPTION_KEYS
 from trainables.models import load_model, parse_model_spec
-from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
+from trainables.names import CAPTION_KEYS, CLEAN, RECALL_KEYS, eps_fraction, metric_name
 from trainables.train import evaluate_model, run_training
 
 
