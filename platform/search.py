@@ -18,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from platform.samplers import PicklableNSGAIISampler
 from platform.sweep_spec import Algorithm, Choice, Fixed, IntRange, LogUniform, SweepSpec, Uniform
 
 from trainables.ray_worker import FINAL_PREFIX
@@ -52,7 +53,7 @@ def searcher(spec: SweepSpec, study_name: str):
     metrics = [final_key(o.metric) for o in spec.search.objectives]
     modes = [o.mode.value for o in spec.search.objectives]
     if spec.search.algorithm is Algorithm.NSGA2:
-        sampler = optuna.samplers.NSGAIISampler(seed=spec.search.seed, population_size=max(2, min(10, spec.search.num_trials // 2)))
+        sampler = PicklableNSGAIISampler(seed=spec.search.seed, population_size=max(2, min(10, spec.search.num_trials // 2)))
     else:
         sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
     search = OptunaSearch(
