@@ -246,6 +246,8 @@ def _write_export(refcoco) -> Path:
     (lambda d: (d / "dets.json").write_text(json.dumps({"9": [[0, 0, 5, 5]]})), r"have no proposals in .*\(10\)"),
     (lambda d: (d / "coco" / "train2014" / "COCO_train2014_000000000010.jpg").unlink(), r"1 images of .* do not exist"),
     (lambda d: (d / "refer.json").write_text(json.dumps({"refs": {}})), "is not a REFER export"),
+    (lambda d: (d / "refer.json").write_text(json.dumps({"format": "mava-refer/1", "refs": {"7": {"split": "testA", "image_id": 9}},
+                                                         "images": {}})), r"ref 7 in .* is not \{'split'"),
 ])
 def test_refcoco_bad_inputs_give_one_clear_error(refcoco, edit, message):
     refer = _write_export(refcoco)

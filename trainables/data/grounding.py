@@ -147,6 +147,8 @@ def read_refcoco(json_path: Path, images_dir: Path, dets_path: Path, refer_path:
         if ref is None:
             unknown.append(entry["ref_id"])
             continue
+        if not isinstance(ref, dict) or _box(ref.get("bbox")) is None or not isinstance(ref.get("split"), str) or "image_id" not in ref:
+            raise UserError(f"ref {entry['ref_id']} in {refer_path} is not {{'split', 'image_id', 'bbox': [x, y, w, h]}}: re-run the convert command")
         image_id = str(ref["image_id"])
         proposals = dets.get(image_id)
         if not proposals:
@@ -156,9 +158,9 @@ def read_refcoco(json_path: Path, images_dir: Path, dets_path: Path, refer_path:
         if any(b is None for b in boxes):
             raise UserError(f"dets.json entry of image {image_id} in {dets_path} holds something that is not an [x, y, w, h, ...] box")
         size = images.get(image_id)
-        if size is None:
+        if not isinstance(size, dict) or not all(isinstance(size.get(k), int) for k in ("height", "width")):
             raise UserError(f"image {image_id} (ref {entry['ref_id']}) has no height/width in {refer_path}: re-run the convert command with the matching instances.json")
-        records.append(GroundingRecord(images_dir / entry["image"], entry["text"].strip(), tuple(float(v) for v in ref["bbox"]),
+        records.append(GroundingRecord(images_dir / entry["image"], entry["text"].strip(), _box(ref["bbox"]),
                                        tuple(boxes), str(ref["split"]), str(entry["ref_id"]), image_id,
                                        (int(size["height"]), int(size["width"]))))
     if unknown:

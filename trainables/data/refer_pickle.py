@@ -52,7 +52,7 @@ def safe_load_pickle(path: Path) -> Any:
             return _PlainDataUnpickler(handle, path).load()
         except UserError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as error:
             raise UserError(f"{path} is not a readable pickle ({type(error).__name__}: {error}): give REFER's refs(unc).p") from error
 
 
