@@ -125,6 +125,19 @@ def read_refer_export(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     return data["refs"], data["images"]
 
 
+def _check_entry(entry: Any, index: int, json_path: Path) -> None:
+    fields_ok = isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("text"), str) \
+        and isinstance(entry.get("ref_id"), int)
+    if not fields_ok:
+        raise UserError(f"entry {index} of {json_path} is not {{'image': str, 'text': str, 'ref_id': int}}: "
+                        f"the file must look like {REFCOCO_FORMAT}")
+
+
+def _check_ref(ref: Any, ref_id: int, refer_path: Path) -> None:
+    if not isinstance(ref, dict) or _box(ref.get("bbox")) is None or not isinstance(ref.get("split"), str) or "image_id" not in ref:
+        raise UserError(f"ref {ref_id} in {refer_path} is not {{'split', 'image_id', 'bbox': [x, y, w, h]}}: re-run the convert command")
+
+
 def read_refcoco(json_path: Path, images_dir: Path, dets_path: Path, refer_path: Path) -> list[GroundingRecord]:
     """The expressions of an ALBEF ``refcoco+_*.json`` joined with proposals and REFER annotations."""
     entries = read_json(json_path, "ALBEF refcoco+_*.json file")
@@ -137,39 +150,41 @@ def read_refcoco(json_path: Path, images_dir: Path, dets_path: Path, refer_path:
         raise UserError(f"{dets_path} is a {type(dets).__name__}, not an object: dets.json maps image ids to [[x, y, w, h], ...]")
     refs, images = read_refer_export(refer_path)
     if not images_dir.is_dir():
-        raise UserError(f"images folder {images_dir} does not exist or is not a folder: pass images= the folder the 'image' paths are relative to")
+        raise UserError(f"images folder {images_dir} does not exist or is not a folder: "
+                        "pass images= the folder the 'image' paths are relative to")
     records, unknown, no_dets = [], [], []
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get("text"), str) \
-                or not isinstance(entry.get("ref_id"), int):
-            raise UserError(f"entry {index} of {json_path} is not {{'image': str, 'text': str, 'ref_id': int}}: the file must look like {REFCOCO_FORMAT}")
-        ref = refs.get(str(entry["ref_id"]))
+        _check_entry(entry, index, json_path)
+        ref_id = entry["ref_id"]
+        ref = refs.get(str(ref_id))
         if ref is None:
-            unknown.append(entry["ref_id"])
+            unknown.append(ref_id)
             continue
-        if not isinstance(ref, dict) or _box(ref.get("bbox")) is None or not isinstance(ref.get("split"), str) or "image_id" not in ref:
-            raise UserError(f"ref {entry['ref_id']} in {refer_path} is not {{'split', 'image_id', 'bbox': [x, y, w, h]}}: re-run the convert command")
+        _check_ref(ref, ref_id, refer_path)
         image_id = str(ref["image_id"])
-        proposals = dets.get(image_id)
-        if not proposals:
+        if not dets.get(image_id):
             no_dets.append(image_id)
             continue
-        boxes = [_box(p) for p in proposals]
+        boxes = tuple(_box(p) for p in dets[image_id])
         if any(b is None for b in boxes):
             raise UserError(f"dets.json entry of image {image_id} in {dets_path} holds something that is not an [x, y, w, h, ...] box")
         size = images.get(image_id)
         if not isinstance(size, dict) or not all(isinstance(size.get(k), int) for k in ("height", "width")):
-            raise UserError(f"image {image_id} (ref {entry['ref_id']}) has no height/width in {refer_path}: re-run the convert command with the matching instances.json")
-        records.append(GroundingRecord(images_dir / entry["image"], entry["text"].strip(), _box(ref["bbox"]),
-                                       tuple(boxes), str(ref["split"]), str(entry["ref_id"]), image_id,
-                                       (int(size["height"]), int(size["width"]))))
+            raise UserError(f"image {image_id} (ref {ref_id}) has no height/width in {refer_path}: "
+                            "re-run the convert command with the matching instances.json")
+        records.append(GroundingRecord(images_dir / entry["image"], entry["text"].strip(), _box(ref["bbox"]), boxes,
+                                       ref["split"], str(ref_id), image_id, (size["height"], size["width"])))
     if unknown:
-        raise UserError(f"{len(unknown)} ref_ids of {json_path} are not in {refer_path} ({_more(unknown)}): export the REFER annotations of the same dataset (refcoco+, unc)")
+        raise UserError(f"{len(unknown)} ref_ids of {json_path} are not in {refer_path} ({_more(unknown)}): "
+                        "export the REFER annotations of the same dataset (refcoco+, unc)")
     if no_dets:
-        raise UserError(f"{len(set(no_dets))} images of {json_path} have no proposals in {dets_path} ({_more(sorted(set(no_dets)))}): use the dets.json of the same dataset")
+        unique = sorted(set(no_dets))
+        raise UserError(f"{len(unique)} images of {json_path} have no proposals in {dets_path} ({_more(unique)}): "
+                        "use the dets.json of the same dataset")
     missing = [str(p) for p in dict.fromkeys(r.path for r in records) if not p.is_file()]
     if missing:
-        raise UserError(f"{len(missing)} images of {json_path} do not exist ({_more(missing)}): pass images= the folder the 'image' paths are relative to")
+        raise UserError(f"{len(missing)} images of {json_path} do not exist ({_more(missing)}): "
+                        "pass images= the folder the 'image' paths are relative to")
     return records
 
 
