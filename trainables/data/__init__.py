@@ -1,7 +1,8 @@
 """Image-caption data: the synthetic world, annotation-file datasets and data-spec strings.
 
-Every dataset yields :class:`ImageCaptionItem` with images in [0, 1] (not normalised);
-``load_dataset("synthetic:train", image_size=32)`` is the usual entry point.
+Datasets yield :class:`ImageCaptionItem` with images in [0, 1] (not normalised); the
+entailment and grounding kinds yield ``EntailmentItem`` / ``GroundingItem`` instead
+(``KINDS[kind].item``). ``load_dataset("synthetic:train", image_size=32)`` is the usual entry point.
 """
 
 from trainables.data.annotations import AnnotatedImageDataset, ImageRecord, load_captions_json, load_karpathy

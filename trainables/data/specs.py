@@ -6,6 +6,11 @@ Syntax: ``KIND:POSITIONAL[,key=value,...]``::
     karpathy:/data/dataset_coco.json,images=/data/coco,split=test
     captions-json:/data/flickr30k_test.json,images=/data/flickr30k
     parquet:/data/coco-test-parquet      (shards written by ``python -m platform.data convert``)
+    synthetic-ve:test,n=600              snli-ve:/data/ve_test.json,images=/data/flickr30k-images
+    synthetic-vg:test,n=600              refcoco+:/data/refcoco+_test.json,images=/data/coco,dets=/data/dets.json,refer=/data/refer.json
+
+Most kinds yield :class:`ImageCaptionItem`; the entailment and grounding kinds yield
+:class:`EntailmentItem` and :class:`GroundingItem` (``DataKind.item`` says which).
 
 A string is parsed once, at the edge, into a frozen :class:`DataSpec` with every
 option present (defaults filled in) and every path absolute (Ray workers run in
@@ -25,8 +30,13 @@ from typing import Callable
 import torch
 
 from trainables.data.annotations import load_captions_json, load_karpathy
+from trainables.data.entailment import EntailmentItem, load_snli_ve
+from trainables.data.grounding import GroundingItem, load_refcoco
+from trainables.data.items import ImageCaptionItem
 from trainables.data.parquet import load_parquet
 from trainables.data.synthetic import SPLITS, SyntheticWorld
+from trainables.data.synthetic_ve import SyntheticEntailment
+from trainables.data.synthetic_vg import TEST_SPLITS, SyntheticGrounding
 from trainables.errors import UserError
 
 
@@ -119,8 +129,9 @@ class DataKind:
         positional: what the part after ``KIND:`` is, for error messages.
         check_positional: like :attr:`OptionSpec.check`, for the positional part.
         options: allowed option keys, in canonical order.
-        load: (parsed spec, image size in pixels) -> dataset of ImageCaptionItem.
+        load: (parsed spec, image size in pixels) -> dataset of ``item``.
         example: a valid spec string of this kind.
+        item: the item type the dataset yields (what task the data serves).
     """
 
     positional: str
@@ -128,6 +139,7 @@ class DataKind:
     options: dict[str, OptionSpec]
     load: Callable[[DataSpec, int], torch.utils.data.Dataset]
     example: str
+    item: type = ImageCaptionItem
 
 
 _SYNTHETIC_DEFAULT_N = {"train": 2000, "test": 500}
@@ -149,6 +161,33 @@ def _load_parquet(spec: DataSpec, image_size: int) -> torch.utils.data.Dataset:
     return load_parquet(Path(spec.path), image_size)
 
 
+def _load_synthetic_ve(spec: DataSpec, image_size: int) -> torch.utils.data.Dataset:
+    return SyntheticEntailment(spec.path, int(spec.option("n")), image_size=image_size, seed=int(spec.option("seed")))
+
+
+def _load_synthetic_vg(spec: DataSpec, image_size: int) -> torch.utils.data.Dataset:
+    return SyntheticGrounding(spec.path, int(spec.option("n")), image_size=image_size, seed=int(spec.option("seed")),
+                              resolution=int(spec.option("resolution")))
+
+
+def _load_snli_ve(spec: DataSpec, image_size: int) -> torch.utils.data.Dataset:
+    return load_snli_ve(Path(spec.path), Path(spec.option("images")), image_size)
+
+
+def _load_refcoco(spec: DataSpec, image_size: int) -> torch.utils.data.Dataset:
+    return load_refcoco(Path(spec.path), Path(spec.option("images")), Path(spec.option("dets")), Path(spec.option("refer")),
+                        spec.option("split"), image_size)
+
+
+def _grounding_split(text: str) -> str:
+    if text not in ("all",) + TEST_SPLITS:
+        raise ValueError(f"not a grounding split (use all, {', '.join(TEST_SPLITS)})")
+    return text
+
+
+_SYNTHETIC_VE_DEFAULT_N = {"train": 3000, "test": 600}  # pairs: a third per class
+_SYNTHETIC_VG_DEFAULT_N = {"train": 2000, "test": 600}  # scenes: a third per test split
+_SEED_OPTION = OptionSpec(_non_negative_int, lambda split: "0", "random seed, an integer >= 0")
 _IMAGES_OPTION = OptionSpec(_absolute_path, None, "the folder the image paths in the JSON are relative to")
 
 KINDS: dict[str, DataKind] = {
@@ -185,6 +224,50 @@ KINDS: dict[str, DataKind] = {
         options={},
         load=_load_parquet,
         example="parquet:/data/coco-test-parquet",
+    ),
+    "synthetic-ve": DataKind(
+        positional="split (train or test)",
+        check_positional=_synthetic_split,
+        options={
+            "n": OptionSpec(_positive_int, lambda split: str(_SYNTHETIC_VE_DEFAULT_N[split]), "number of image-hypothesis pairs, a positive integer"),
+            "seed": _SEED_OPTION,
+        },
+        load=_load_synthetic_ve,
+        example="synthetic-ve:test,n=600,seed=0",
+        item=EntailmentItem,
+    ),
+    "synthetic-vg": DataKind(
+        positional="split (train or test)",
+        check_positional=_synthetic_split,
+        options={
+            "n": OptionSpec(_positive_int, lambda split: str(_SYNTHETIC_VG_DEFAULT_N[split]), "number of scenes (one expression each), a positive integer"),
+            "seed": _SEED_OPTION,
+            "resolution": OptionSpec(_positive_int, lambda split: "64", "side in pixels of the original image the boxes are in"),
+        },
+        load=_load_synthetic_vg,
+        example="synthetic-vg:test,n=600,seed=0",
+        item=GroundingItem,
+    ),
+    "snli-ve": DataKind(
+        positional="path to ALBEF's ve_test.json (or ve_dev/ve_train)",
+        check_positional=_absolute_path,
+        options={"images": OptionSpec(_absolute_path, None, "the flickr30k-images folder holding <image>.jpg")},
+        load=_load_snli_ve,
+        example="snli-ve:/data/ve_test.json,images=/data/flickr30k-images",
+        item=EntailmentItem,
+    ),
+    "refcoco+": DataKind(
+        positional="path to ALBEF's refcoco+_val.json or refcoco+_test.json",
+        check_positional=_absolute_path,
+        options={
+            "images": OptionSpec(_absolute_path, None, "the COCO folder the 'image' paths are relative to"),
+            "dets": OptionSpec(_absolute_path, None, "ALBEF's refcoco+/dets.json proposals"),
+            "refer": OptionSpec(_absolute_path, None, "the REFER export written by python -m platform.data convert --refer"),
+            "split": OptionSpec(_grounding_split, lambda path: "all", "all, val, testA or testB"),
+        },
+        load=_load_refcoco,
+        example="refcoco+:/data/refcoco+_test.json,images=/data/coco,dets=/data/dets.json,refer=/data/refer.json",
+        item=GroundingItem,
     ),
 }
 

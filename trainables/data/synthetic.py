@@ -183,12 +183,68 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
     fill = _shaded(COLOURS[scene.colour], scene.shade)
     r = _RADIUS[scene.size] * side
     for (fx, fy), angle in zip(_object_centres(scene), scene.rotations):
-        cx, cy = fx * side, fy * side
-        if scene.shape == "circle":
-            rc = 0.85 * r  # a circle of the full circumradius looks bigger than the polygons
-            draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=fill)
-        else:
-            draw.polygon(_polygon(scene.shape, cx, cy, r, angle), fill=fill)
+        _draw_shape(draw, scene.shape, fx * side, fy * side, r, angle, fill)
+    return np.asarray(canvas.reduce(_SUPERSAMPLE))
+
+
+_CIRCLE_SCALE = 0.85  # a circle of the full circumradius looks bigger than the polygons
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
+                fill: tuple[int, int, int]) -> None:
+    """Draw one object with circumradius ``r`` around (cx, cy), canvas pixels."""
+    if shape == "circle":
+        rc = _CIRCLE_SCALE * r
+        draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+
+
+def shape_extent(shape: str, cx: float, cy: float, r: float, angle: float) -> tuple[float, float, float, float]:
+    """The exact bounding box ``(x0, y0, x1, y1)`` of what :func:`_draw_shape` draws, same units.
+
+    Computed from the same ellipse / polygon vertices the renderer uses, so a grounding
+    box is the drawn object's box, not an estimate from pixels.
+    """
+    if shape == "circle":
+        rc = _CIRCLE_SCALE * r
+        return (cx - rc, cy - rc, cx + rc, cy + rc)
+    xs, ys = zip(*_polygon(shape, cx, cy, r, angle))
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+@dataclass(frozen=True)
+class PlacedObject:
+    """One object of a multi-object scene (the grounding world).
+
+    Attributes:
+        shape, colour, size: as in :class:`Scene` (``size`` picks the radius from ``_RADIUS``).
+        centre: (x, y) as fractions of the image side.
+        rotation: rotation of the shape, radians.
+        shade: per-channel integer jitter added to the colour.
+    """
+
+    shape: str
+    colour: str
+    size: str
+    centre: tuple[float, float]
+    rotation: float = 0.0
+    shade: tuple[int, int, int] = (0, 0, 0)
+
+    def extent(self) -> tuple[float, float, float, float]:
+        """Bounding box ``(x0, y0, x1, y1)`` as fractions of the image side."""
+        return shape_extent(self.shape, self.centre[0], self.centre[1], _RADIUS[self.size], self.rotation)
+
+
+def render_objects(objects: tuple[PlacedObject, ...], background: str, background_shade: tuple[int, int, int],
+                   image_size: int) -> np.ndarray:
+    """Render several objects of any kinds on one background, as :func:`render` does one kind."""
+    side = image_size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), _shaded(BACKGROUNDS[background], background_shade))
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        fill = _shaded(COLOURS[obj.colour], obj.shade)
+        _draw_shape(draw, obj.shape, obj.centre[0] * side, obj.centre[1] * side, _RADIUS[obj.size] * side, obj.rotation, fill)
     return np.asarray(canvas.reduce(_SUPERSAMPLE))
 
 

@@ -1,0 +1,117 @@
+"""ALBEF's GradCAM helper: the formula, untouched parameter gradients, a peak on the referred patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainables.evaluation.gradcam import gradcam_map, patch_grid, upsample_map
+
+
+class TinyCrossAttention(nn.Module):
+    """One cross-attention layer (text queries, image keys) whose score reads one feature of the attended values.
+
+    The values are the image tokens themselves and the score is feature 0 of the first
+    text position's attended value: only a patch whose token has feature 0 set (the
+    "referred object") raises the score, so only its attention gets a positive gradient.
+    """
+
+    def __init__(self, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width * heads)
+        self.key = nn.Linear(width, width * heads)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, width = text.shape
+        q = self.query(text).view(batch, length, self.heads, width).transpose(1, 2)  # (B, h, L, W)
+        k = self.key(image).view(batch, image.shape[1], self.heads, width).transpose(1, 2)  # (B, h, T, W)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / width ** 0.5, dim=-1)  # (B, h, L, T)
+        attended = attention @ image.unsqueeze(1)  # (B, h, L, W): values = image tokens
+        score = attended[:, :, 0, 0].mean(dim=1)  # (B,)
+        return score, attention
+
+
+def _image_tokens(batch: int, patches: int, referred: list[int], width: int = 8) -> torch.Tensor:
+    torch.manual_seed(0)
+    tokens = torch.randn(batch, 1 + patches, width)
+    tokens[:, :, 0] = 0.0  # no token carries the scored feature ...
+    for b, patch in enumerate(referred):
+        tokens[b, 1 + patch, 0] = 5.0  # ... except the referred patch (token 0 is the image [CLS])
+    return tokens
+
+
+def test_the_map_is_albef_formula_mean_over_heads_and_all_text_positions():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 4, 1 + 9, requires_grad=True)
+    attention = torch.softmax(logits, dim=-1)
+    weights = torch.randn(2, 3, 4, 1 + 9)
+    score = (attention * weights).sum(dim=(1, 2, 3))  # dS/dA = weights
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    got = gradcam_map(score, attention, text_mask=mask)
+    a, g = attention.detach()[..., 1:], weights[..., 1:].clamp(min=0)
+    expected = (a * g * mask.view(2, 1, 4, 1)).sum(dim=(1, 2)) / (3 * 4)  # padded rows count in the mean, as ALBEF
+    assert got.shape == (2, 3, 3)
+    assert torch.allclose(got, expected.view(2, 3, 3), atol=1e-6)
+    assert (got >= 0).all()
+
+
+def test_gradcam_leaves_parameter_gradients_untouched_and_keeps_the_graph():
+    layer = TinyCrossAttention()
+    text = torch.randn(2, 3, 8)
+    image = _image_tokens(2, 16, [5, 10]).requires_grad_()
+    score, attention = layer(text, image)
+    gradcam_map(score, attention)
+    assert all(p.grad is None for p in layer.parameters())
+    marker = [torch.full_like(p, 7.0) for p in layer.parameters()]
+    for p, m in zip(layer.parameters(), marker):
+        p.grad = m.clone()
+    score, attention = layer(text, image)
+    gradcam_map(score, attention)
+    assert all(torch.equal(p.grad, m) for p, m in zip(layer.parameters(), marker))
+    assert image.grad is None
+    score.sum().backward()  # the graph survives the helper (retain_graph)
+
+
+def test_frozen_model_works_with_image_tokens_that_require_grad():
+    layer = TinyCrossAttention().requires_grad_(False)
+    score, attention = layer(torch.randn(1, 3, 8), _image_tokens(1, 16, [3]))
+    with pytest.raises(ValueError, match="not part of an autograd graph"):
+        gradcam_map(score, attention)
+    score, attention = layer(torch.randn(1, 3, 8), _image_tokens(1, 16, [3]).requires_grad_())
+    assert int(gradcam_map(score, attention).flatten().argmax()) == 3
+
+
+@pytest.mark.parametrize("patches,referred", [(16, [5, 10]), (9, [0, 8]), (36, [17, 30])])
+def test_the_map_peaks_on_the_referred_patch(patches, referred):
+    layer = TinyCrossAttention()
+    text = torch.randn(len(referred), 3, 8)
+    score, attention = layer(text, _image_tokens(len(referred), patches, referred).requires_grad_())
+    grid = patch_grid(patches)
+    cam = gradcam_map(score, attention)
+    assert cam.shape == (len(referred), grid, grid)
+    assert [int(c.flatten().argmax()) for c in cam] == referred
+    # Upsampled to a 48 x 48 image, the peak pixel lies in the referred patch's cell.
+    heat = gradcam_map(*layer(text, _image_tokens(len(referred), patches, referred).requires_grad_()), image_size=(48, 48))
+    cell = 48 // grid
+    for b, patch in enumerate(referred):
+        y, x = divmod(int(heat[b].flatten().argmax()), 48)
+        assert (y // cell, x // cell) == divmod(patch, grid)
+
+
+def test_grid_comes_from_the_patch_count():
+    assert [patch_grid(n) for n in (1, 4, 576)] == [1, 2, 24]
+    with pytest.raises(ValueError, match="square grid"):
+        patch_grid(10)
+    attention = torch.softmax(torch.randn(1, 2, 3, 1 + 10, requires_grad=True), dim=-1)
+    with pytest.raises(ValueError, match="square grid"):
+        gradcam_map(attention.sum(dim=(1, 2, 3)), attention)
+
+
+def test_upsampling_is_bicubic_to_height_and_width():
+    grid = torch.arange(16.0).view(4, 4)
+    out = upsample_map(grid, (10, 20))
+    expected = torch.nn.functional.interpolate(grid.view(1, 1, 4, 4), size=(10, 20), mode="bicubic", align_corners=False)[0, 0]
+    assert out.shape == (10, 20) and torch.equal(out, expected)
+    assert upsample_map(grid.expand(3, 4, 4), (8, 8)).shape == (3, 8, 8)
