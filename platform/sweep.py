@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from platform.cli import check_writable, parse_assignments, run_cli
+from platform.mlflow_ui import log_report
 from platform.search import final_key, num_samples, planned_trials, scheduler, searcher, tune_space
 from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
 from platform.tracking import (ROLE_TAG, SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
@@ -313,6 +314,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
         model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
         summary["registered"] = {"name": model_name, "version": register_best(client, best, model_name), "run_id": best}
         client.set_tag(parent_run_id, "mava.best_run_id", best)
+    log_report(client, locations.tracking_uri, experiment_id, parent_run_id)  # opens inside MLflow: report/report.html
     client.log_metric(parent_run_id, "sweep/wall_seconds", wall_seconds)
     failed = sum(1 for r in rows if r["status"] != "OK")
     client.set_tag(parent_run_id, "mava.failed_trials", str(failed))

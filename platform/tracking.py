@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from platform.mlflow_ui import describe_sweep
 from trainables.config import TrainConfig
 from trainables.ray_worker import training_options
 from trainables.checkpoint import STATE_FILE, VISION_FILE
@@ -103,6 +104,7 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id:
         return run_id
     run = client.create_run(experiment_id, run_name=redact_text(sweep_id), tags=redact({SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", **tags}))
     log_params(client, run.info.run_id, params)
+    describe_sweep(client, experiment_id, run.info.run_id, sweep_id, redact(params))  # what the MLflow UI shows
     return run.info.run_id
 
 
@@ -260,12 +262,14 @@ class MlflowTrialTracker(Callback):
 
 
 def register_best(client: MlflowClient, run_id: str, model_name: str) -> str:
-    """Register a trial's checkpoint artifacts as a new version of ``model_name`` with alias ``best``."""
+    """Register a trial's robust encoder as an MLflow pyfunc model, a new version of ``model_name`` with alias ``best``."""
     try:
         client.get_registered_model(model_name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(model_name)
-    source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}"
+    from platform.registry import log_pyfunc_model  # imports platform.export, which imports this module
+
+    source = log_pyfunc_model(client, run_id)  # an MLflow pyfunc that embeds images (platform/pyfunc_model.py)
     version = client.create_model_version(model_name, source=source, run_id=run_id)
     client.set_registered_model_alias(model_name, "best", version.version)
     return version.version

@@ -8,6 +8,8 @@ fresh environment pretrains it (a few minutes on 2 CPU cores) into
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +92,26 @@ def fake_sweeps_store(tmp_path_factory) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     write_experiments(uri, str(root / "artifacts"))
     return uri
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed with apt-get when missing (CI runs as root with Debian mirrors)."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed and installing it needs root: run apt-get install -y chromium")
+    result = subprocess.run("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium", shell=True,
+                            capture_output=True, text=True, timeout=1800)
+    found = shutil.which("chromium")
+    if result.returncode != 0 or not found:
+        pytest.fail(f"could not install chromium (apt-get exit code {result.returncode}); install it with "
+                    f"`apt-get update && apt-get install -y chromium`:\n{(result.stdout + result.stderr)[-2000:]}")
+    return found
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    # A private profile: concurrent Chromium runs on one machine otherwise fight over the default one.
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)

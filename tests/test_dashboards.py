@@ -5,9 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -18,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_chromium
 from dashboards.figures import COLOURS, pareto_front
 from dashboards.importance import distributions, param_value, sweep_importances
 from dashboards.records import Sweep, Trial
@@ -271,29 +269,6 @@ def test_importances_are_drawn_or_the_page_says_why_not(report):
         assert drawn and "importances not shown" not in report["html"]
     else:
         assert not drawn and "importances not shown" in report["html"] and "constant objective" in report["html"]
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed with apt-get when missing (CI runs as root with Debian mirrors)."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() != 0 and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed and installing it needs root: run apt-get install -y chromium")
-    result = subprocess.run("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium", shell=True,
-                            capture_output=True, text=True, timeout=1800)
-    found = shutil.which("chromium")
-    if result.returncode != 0 or not found:
-        pytest.fail(f"could not install chromium (apt-get exit code {result.returncode}); install it with "
-                    f"`apt-get update && apt-get install -y chromium`:\n{(result.stdout + result.stderr)[-2000:]}")
-    return found
-
-
-def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    # A private profile: concurrent Chromium runs on one machine otherwise fight over the default one.
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.slow
