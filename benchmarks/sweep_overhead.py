@@ -58,7 +58,7 @@ def sweep_data(args: argparse.Namespace) -> dict:
         "experiment": {"name": EXPERIMENT, "model": args.model, "defense": "mava",
                        "train_data": f"synthetic:train,n={args.train_images}", "eval_data": f"synthetic:test,n={args.eval_images}",
                        "epochs": args.epochs, "batch_size": args.batch, "pgd_steps": args.pgd_steps,
-                       "eval_attacks": ["pgd"], "eval_eps": ["4/255"], "seed": 0, "options": {"M": args.M, "N": args.N}},
+                       "eval_attacks": ["pgd"], "eval_eps": ["4/255"], "seed": 0, "M": args.M, "N": args.N},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1, "max_failures": 0},
         "search": {"algorithm": "tpe", "num_trials": args.trials, "seed": 0, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}]},
         "space": {"a": {"distribution": "loguniform", "low": 0.0005, "high": 0.05},

@@ -71,7 +71,7 @@ def scheduler(spec: SweepSpec):
         return None
     objective = spec.search.objectives[0]
     return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode.value,
-                         max_t=spec.experiment.epochs, grace_period=spec.search.scheduler.grace_period,
+                         max_t=spec.largest("epochs"), grace_period=spec.search.scheduler.grace_period,
                          reduction_factor=spec.search.scheduler.reduction_factor)
 
 

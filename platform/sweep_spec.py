@@ -1,11 +1,14 @@
 """The sweep file (``search_spaces/*.yaml``), validated once into a typed, frozen object.
 
-Sections: ``experiment`` (fixed training options), ``resources`` (Ray Train workers
-per trial), ``search`` (algorithm, trials, objectives, scheduler, seed points),
-``space`` (distributions over any training option), ``tracking`` (MLflow) and
-``storage`` (Ray results). A bad file gets one message per mistake naming the
-key, the bad value and what is allowed, raised as a UserError (no traceback).
-Relative paths are resolved here, in the driver, because trials run elsewhere.
+Sections: ``experiment`` (the training configuration of every trial: exactly
+``trainables.config.TrainConfig``, its fields, defaults and checks, plus the
+sweep's ``name``), ``resources`` (Ray Train workers per trial), ``search``
+(algorithm, trials, objectives, scheduler, seed points), ``space``
+(distributions over training options), ``tracking`` (MLflow) and ``storage``
+(Ray results). A bad file gets one message per mistake naming the key, the bad
+value and the fix, raised as a UserError (no traceback). The checks that span
+sections (each ``space:`` entry against its field's type and range, objectives,
+old and foreign spellings) are in ``platform/sweep_checks.py``.
 """
 
 from __future__ import annotations
@@ -18,48 +21,22 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainables.attacks import ATTACKS
-from trainables.config import TrainConfig, describe_validation_error, parse_eps, train_config_from
+from platform.sweep_checks import check_devices, check_objectives, check_space, normalize_eps_values, refuse_foreign_forms
+from trainables.config import TrainConfig, describe_validation_error
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
-
-SEARCHABLE = tuple(name for name in TrainConfig.model_fields if name not in {"model", "train_data", "eval_data", "eval_attacks", "eval_eps", "device", "epochs"})
-EPS_KEYS = {"eps", "pgd_step_size"}
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Experiment(Strict):
-    """Fixed training options of every trial (any TrainConfig field; see trainables/config.py)."""
+class Experiment(TrainConfig):
+    """The training configuration of every trial (trainables/config.py: the same fields, defaults and checks), plus a name.
+
+    Searched keys (``space:``) replace their value here trial by trial.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = "tiny-clip"
-    defense: str = "mava"
-    train_data: str = "synthetic:train,n=512"
-    eval_data: str = "synthetic:test,n=100"
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1)
-    pgd_steps: int = Field(10, ge=1)
-    eval_attacks: list[str] = ["pgd"]
-    eval_eps: list[float] = [2 / 255, 4 / 255]
-    seed: int = 0
-    options: dict[str, Any] = {}  # any other fixed TrainConfig option, e.g. {optimizer: adamw}
-
-    @field_validator("eval_eps", mode="before")
-    @classmethod
-    def _eps(cls, value: object) -> list[float]:
-        return [parse_eps(v) for v in (value if isinstance(value, list) else [value])]
-
-    @field_validator("eval_attacks")
-    @classmethod
-    def _attacks(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in ATTACKS]
-        if unknown:
-            raise ValueError(f"unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
-        return value
 
 
 class Resources(Strict):
@@ -168,98 +145,34 @@ class SweepSpec(Strict):
             raise ValueError("search.algorithm nsga2 is for several objectives: list at least two, or use tpe")
         return self
 
-    def base_training_options(self) -> dict[str, Any]:
-        """The fixed TrainConfig fields of every trial (before the searched ones are applied)."""
-        e = self.experiment
-        return {"model": e.model, "defense": e.defense, "train_data": e.train_data, "eval_data": e.eval_data,
-                "epochs": e.epochs, "batch_size": e.batch_size, "pgd_steps": e.pgd_steps,
-                "eval_attacks": tuple(e.eval_attacks), "eval_eps": tuple(e.eval_eps), "seed": e.seed, **e.options}
+    def fixed_options(self) -> dict[str, Any]:
+        """Every TrainConfig field of the experiment as plain JSON values (what Tune passes to each trial)."""
+        return self.experiment.model_dump(mode="json", exclude={"name"})
+
+    def train_config(self, point: dict[str, Any] | None = None) -> TrainConfig:
+        """The TrainConfig of a trial that samples ``point`` (e.g. an initial point); the fixed one without."""
+        return TrainConfig(**{**self.fixed_options(), **(point or {})})
+
+    def candidate_values(self, key: str) -> list[Any]:
+        """The values of a training option that bound what any trial can take (a range's ends, every choice)."""
+        searched = self.space.get(key)
+        if searched is None:
+            return [getattr(self.experiment, key)]
+        if isinstance(searched, Choice):
+            return list(searched.values)
+        if isinstance(searched, Fixed):
+            return [searched.value]
+        return [searched.low, searched.high]
+
+    def largest(self, key: str) -> Any:
+        """The largest value of a numeric option any trial can take (e.g. M, the captions a trial may ask for)."""
+        return max(self.candidate_values(key))
 
     def objective_metrics(self) -> list[str]:
         return [objective.metric for objective in self.search.objectives]
 
     def grid_size(self) -> int:
         return math.prod(len(d.values) for d in self.space.values() if isinstance(d, Choice))
-
-
-def _check_space(spec: SweepSpec) -> None:
-    """Every searched key is a training option and every value it can take is valid for it."""
-    base = spec.base_training_options()
-    problems = []
-    for key, distribution in spec.space.items():
-        if key not in SEARCHABLE:
-            problems.append(f"space: key '{key}' is not a searchable training option; searchable: {', '.join(SEARCHABLE)}")
-            continue
-        if isinstance(distribution, (Uniform, LogUniform, IntRange)) and not distribution.low < distribution.high:
-            problems.append(f"space: key '{key}': low ({distribution.low}) must be below high ({distribution.high})")
-            continue
-        if isinstance(distribution, (Uniform, LogUniform)) and key in {"N", "M", "pgd_steps", "batch_size"}:
-            problems.append(f"space: key '{key}' takes integers: use distribution int or choice")
-            continue
-        samples = {Uniform: lambda d: [d.low, d.high], LogUniform: lambda d: [d.low, d.high], IntRange: lambda d: [d.low, d.high],
-                   Choice: lambda d: d.values, Fixed: lambda d: [d.value]}[type(distribution)](distribution)
-        for sample in samples:
-            try:
-                TrainConfig(**{**base, key: sample})
-            except ValidationError as error:
-                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
-                problems.append(f"space: key '{key}' value {sample!r}: {reasons}")
-    if spec.search.algorithm is Algorithm.GRID:
-        for key, distribution in spec.space.items():
-            if not isinstance(distribution, (Choice, Fixed)):
-                problems.append(f"space: key '{key}': grid search needs choice or fixed values, got {distribution.distribution}")
-    for index, point in enumerate(spec.search.initial_points):
-        unknown = sorted(set(point) - set(spec.space))
-        if unknown:
-            problems.append(f"search.initial_points[{index}]: keys {unknown} are not in space (searched: {', '.join(spec.space) or 'none'})")
-    if problems:
-        raise UserError("\n".join(problems))
-
-
-def _check_objectives(spec: SweepSpec) -> None:
-    if is_captioner_spec(spec.experiment.model):
-        # A captioner is evaluated on clean captions (trainables.train.evaluate_model); METEOR and
-        # SPICE are left out because they are missing wherever Java or SPICE's jars are.
-        valid = [metric_name(CLEAN, None, k) for k in ALWAYS_COMPUTED_CAPTION_KEYS]
-        produced_by = "a captioner's evaluation: clean captions, BLEU/ROUGE-L/CIDEr"
-    else:
-        valid = [metric_name(CLEAN, None, k) for k in RECALL_KEYS]
-        valid += [metric_name(a, eps, k) for a in spec.experiment.eval_attacks for eps in spec.experiment.eval_eps for k in RECALL_KEYS]
-        produced_by = "experiment.eval_attacks x eval_eps"
-    for index, objective in enumerate(spec.search.objectives):
-        if objective.metric not in valid:
-            raise UserError(
-                f"search.objectives[{index}].metric: {objective.metric!r} is not produced by this sweep's evaluation "
-                f"({produced_by}); valid: {', '.join(valid)}"
-            )
-
-
-def _normalize_eps_values(data: dict) -> dict:
-    # eps-like keys accept "2/255" in the space too; convert before the distribution models see them.
-    space = data.get("space")
-    if isinstance(space, dict):
-        for key in EPS_KEYS & set(space):
-            value = space[key]
-            try:
-                if isinstance(value, dict) and value.get("distribution") == "choice" and isinstance(value.get("values"), list):
-                    value["values"] = [parse_eps(v) for v in value["values"]]
-                elif isinstance(value, dict) and value.get("distribution") in {"uniform", "loguniform"}:
-                    value.update({b: parse_eps(value[b]) for b in ("low", "high") if b in value})
-                elif isinstance(value, dict) and value.get("distribution") == "fixed":
-                    value["value"] = parse_eps(value["value"])
-                elif not isinstance(value, dict):
-                    space[key] = parse_eps(value)
-            except ValueError as error:
-                raise UserError(f"space: key '{key}': {error}") from None
-    search = data.get("search")
-    if isinstance(search, dict) and isinstance(search.get("initial_points"), list):
-        for index, point in enumerate(search["initial_points"]):
-            for key in EPS_KEYS & set(point if isinstance(point, dict) else {}):
-                try:
-                    point[key] = parse_eps(point[key])
-                except ValueError as error:
-                    raise UserError(f"search.initial_points[{index}]: key '{key}': {error}") from None
-    return data
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:
@@ -294,14 +207,14 @@ def parse_sweep_spec(data: object, source: str) -> SweepSpec:
         raise UserError(f"{source}: the sweep file must be a mapping with sections experiment, search, space, ... "
                         f"(got {type(data).__name__}): write it like search_spaces/abc.yaml")
     try:
+        refuse_foreign_forms(data)  # experiment.options, Ray/W&B ranges: say how to write them, not pydantic's words
         try:
-            spec = SweepSpec(**_normalize_eps_values(data))
+            spec = SweepSpec(**normalize_eps_values(data))
         except ValidationError as error:
             raise UserError(describe_sweep_error(error, source)) from None
-        options = spec.base_training_options()
-        train_config_from(options, f"{source}: experiment")  # e.g. an unknown defense or option name
-        _check_space(spec)
-        _check_objectives(spec)
+        check_space(spec)
+        check_devices(spec)
+        check_objectives(spec)
     except UserError as error:
         raise UserError(f"{error}\n{FIX_HINT.format(source=source)}") from None
     return spec
@@ -344,4 +257,7 @@ def load_sweep_spec(path: str | Path, overrides: dict[str, str] | None = None) -
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise UserError(f"{path}: not valid YAML{where} ({problem}): fix the syntax there") from None
-    return parse_sweep_spec(apply_overrides(data if data is not None else {}, overrides or {}), str(path))
+    if data is None:  # no document at all, or only comments
+        raise UserError(f"sweep file {path} is empty: write its sections experiment:, search: and space: "
+                        "(copy search_spaces/abc.yaml and change it)")
+    return parse_sweep_spec(apply_overrides(data, overrides or {}), str(path))

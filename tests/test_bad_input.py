@@ -155,7 +155,7 @@ def world(tmp_path_factory, random_tiny_clip_weights) -> dict:
     good = {
         "experiment": {"name": "bad-input", "model": f"tiny-clip@{random_tiny_clip_weights}", "train_data": "synthetic:train,n=12",
                        "eval_data": "synthetic:test,n=6", "epochs": 1, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
-                       "options": {"M": 2}},
+                       "M": 2},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
         "search": {"algorithm": "tpe", "num_trials": 1, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}]},
         "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}},
@@ -168,6 +168,8 @@ def world(tmp_path_factory, random_tiny_clip_weights) -> dict:
     w["binary_yaml"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     w["list_yaml"] = root / "list.yaml"
     w["list_yaml"].write_text("- experiment\n- search\n")
+    w["empty_yaml"] = root / "empty.yaml"
+    w["empty_yaml"].write_text("# a sweep file with nothing in it yet\n")
     w["a_file"] = root / "regular-file"
     w["a_file"].write_text("a regular file: nothing can be created below it, not even by root")
     w["closed_port"] = _closed_port()
@@ -222,11 +224,27 @@ CASES = [
     ("sweep-file-is-a-folder", "sweep", lambda w: _sweep(w, space=w["root"]), r"is a folder: pass a YAML file"),
     ("sweep-file-binary", "sweep", lambda w: _sweep(w, space=w["binary_yaml"]), r"not UTF-8 text.*pass the YAML sweep file"),
     ("sweep-file-not-a-mapping", "sweep", lambda w: _sweep(w, space=w["list_yaml"]), r"must be a mapping with sections experiment, search"),
+    ("sweep-file-empty", "sweep", lambda w: _sweep(w, space=w["empty_yaml"]), r"sweep file .*empty.yaml is empty: write its sections experiment:, search: and space:"),
+    ("old-options-section", "sweep", lambda w: _sweep(w, *_set("experiment.options={optimizer: adamw}")),
+     r"experiment.options is gone: write `optimizer: adamw` directly under experiment:"),
+    ("ray-style-range", "sweep", lambda w: _sweep(w, *_set("space.a={uniform: [0.1, 1.0]}")),
+     r"space: key 'a': `\{uniform: \[0.1, 1.0\]\}` is Ray Tune / W&B style: write it as `\{distribution: uniform, low: 0.1, high: 1.0\}`"),
+    ("wandb-style-log-range", "sweep", lambda w: _sweep(w, *_set("space.lr={loguniform: [1e-5, 1e-3]}")),
+     r"space: key 'lr': .* write it as `\{distribution: loguniform, low: 1e-5, high: 1e-3\}`"),
+    ("seed-sampled-uniformly", "sweep", lambda w: _sweep(w, *_set("space.seed={distribution: uniform, low: 0, high: 10}")),
+     r"space: key 'seed' takes integers, but uniform draws fractions: write it as `\{distribution: int, low: 0, high: 10\}`"),
+    ("device-gpu", "sweep", lambda w: _sweep(w, *_set("experiment.device=gpu")), r"experiment.device': unknown device 'gpu': use auto .*cpu, cuda or cuda:N"),
+    ("device-cuda-without-a-gpu", "sweep", lambda w: _sweep(w, *_set("experiment.device=cuda")),
+     r"experiment.device 'cuda' runs each worker on a GPU, but resources.gpus_per_worker is 0: set device: auto"),
+    ("device-cuda-on-a-cpu-machine", "sweep", lambda w: _sweep(w, *_set("experiment.device=cuda"), *_set("resources.gpus_per_worker=1")),
+     r"a trial needs 1 GPUs .* has 0: set resources.gpus_per_worker to 0 \(CPU\) and device: auto"),
+    ("sweep-wide-key-searched", "sweep", lambda w: _sweep(w, *_set("space.model={distribution: choice, values: [tiny-clip]}")),
+     r"space: key 'model' is the same for every trial of a sweep .*set it under experiment:"),
     ("unknown-section", "sweep", lambda w: _sweep(w, *_set("trackingg.uri=x")), r"key 'trackingg': unknown key: remove it, or use one of experiment, resources, search, space, tracking, storage"),
-    ("unknown-key", "sweep", lambda w: _sweep(w, *_set("experiment.learning_rate=0.1")), r"experiment.learning_rate': unknown key: remove it, or use one of name, model, defense"),
+    ("unknown-key", "sweep", lambda w: _sweep(w, *_set("experiment.learning_rate=0.1")), r"experiment.learning_rate': unknown key: remove it, or use one of model, defense, .*, name\n"),
     ("wrong-type", "sweep", lambda w: _sweep(w, *_set("experiment.epochs=ten")), r"experiment.epochs'.*valid integer.*'ten'"),
     ("negative-N", "sweep", lambda w: _sweep(w, *_set("space.N=-1")), r"space: key 'N' value -1: .*greater than or equal to 1"),
-    ("zero-M", "sweep", lambda w: _sweep(w, *_set("experiment.options.M=0")), r"key 'M'.*greater than or equal to 1.*valid keys"),
+    ("zero-M", "sweep", lambda w: _sweep(w, *_set("experiment.M=0")), r"key 'experiment.M'.*greater than or equal to 1"),
     ("inverted-range", "sweep", lambda w: _sweep(w, *_set("space.a={distribution: loguniform, low: 0.1, high: 0.01}")),
      r"key 'a': low \(0.1\) must be below high \(0.01\)"),
     ("empty-int-range", "sweep", lambda w: _sweep(w, *_set("space.N={distribution: int, low: 2, high: 2}")), r"key 'N': low \(2\) must be below high \(2\)"),
@@ -234,7 +252,7 @@ CASES = [
     ("eps-above-1", "sweep", lambda w: _sweep(w, *_set("space.eps=8")), r"eps 8 = 8 is outside \(0, 1\].*e.g. 4/255"),
     ("eps-zero", "sweep", lambda w: _sweep(w, *_set("experiment.eval_eps=[0]")), r"eps 0 = 0 is outside \(0, 1\]"),
     ("eps-not-a-number", "sweep", lambda w: _sweep(w, *_set("space.eps={distribution: choice, values: [4/0]}")), r"'4/0' is not a number or a fraction such as 4/255"),
-    ("unknown-defense", "sweep", lambda w: _sweep(w, *_set("experiment.defense=madry")), r"'defense'.*'mava', 'fare' or 'tecoa'"),
+    ("unknown-defense", "sweep", lambda w: _sweep(w, *_set("experiment.defense=madry")), r"experiment.defense'.*'mava', 'fare' or 'tecoa'"),
     ("unknown-attack", "sweep", lambda w: _sweep(w, *_set("experiment.eval_attacks=[fgsm]")), r"unknown attack 'fgsm': use some of pgd, apgd"),
     ("unknown-algorithm", "sweep", lambda w: _sweep(w, *_set("search.algorithm=bayes")), r"search.algorithm'.*'tpe', 'nsga2' or 'grid'"),
     ("objective-not-evaluated", "sweep", lambda w: _sweep(w, *_set("search.objectives=[{metric: pgd/eps8/tr1}]")),
@@ -246,7 +264,7 @@ CASES = [
     ("M-above-captions-available", "sweep", lambda w: _sweep(w, *_set("space.M={distribution: int, low: 1, high: 6}")),
      r"has only 5 captions but M=6.*lower M to <= 5"),
     ("M-above-captions-real-data", "sweep",
-     lambda w: _sweep(w, *_set(f"experiment.train_data=captions-json:{w['good_json']},images={w['images']}"), *_set("experiment.options.M=5")),
+     lambda w: _sweep(w, *_set(f"experiment.train_data=captions-json:{w['good_json']},images={w['images']}"), *_set("experiment.M=5")),
      r"has only 2 captions but M=5.*lower M to <= 2"),
     ("unknown-model-kind", "sweep", lambda w: _sweep(w, *_set("experiment.model=vit-xyz")), r"unknown model kind 'vit-xyz'.*use one of tiny-clip, open_clip"),
     ("weights-missing", "sweep", lambda w: _sweep(w, *_set("experiment.model=tiny-clip@/nope/w.safetensors")), r"/nope/w.safetensors.*does not exist: check the path after '@'"),
@@ -374,9 +392,13 @@ def test_there_are_at_least_30_distinct_mistakes():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_each_mistake_is_refused_clearly_and_touches_nothing(case, world, baseline, capfd, no_real_work):
+def test_each_mistake_is_refused_clearly_and_touches_nothing(case, world, baseline, capfd, no_real_work, tmp_path):
     name, command, build, message = case
-    code, printed = run_in_process(command, build(world), capfd)
+    argv = build(world)
+    # A sweep case records into a store that does not exist yet: refusing the input must not create it.
+    fresh_store = tmp_path / "mlflow.db"
+    argv = [f"sqlite:///{fresh_store}" if arg == world["uri"] else arg for arg in argv]
+    code, printed = run_in_process(command, argv, capfd)
     assert code == EXIT_USER_ERROR, printed
     assert "Traceback" not in printed, printed
     assert re.search(message, printed, flags=re.DOTALL), printed
@@ -385,7 +407,24 @@ def test_each_mistake_is_refused_clearly_and_touches_nothing(case, world, baseli
         assert len(error_lines) == 1, printed  # one message, not a cascade
         assert any(word in printed.lower() for word in FIX_WORDS), printed
     assert snapshot(world) == baseline
+    assert not fresh_store.exists(), "an MLflow database was created before the input was validated"
     assert not world["marker"].exists(), "a pickle was unpickled without restriction"
+
+
+CHECK_CASES = ["sweep-file-empty", "old-options-section", "ray-style-range", "seed-sampled-uniformly", "device-gpu",
+               "device-cuda-on-a-cpu-machine", "unknown-model-kind", "weights-corrupt", "data-file-missing", "storage-not-writable"]
+
+
+@pytest.mark.parametrize("name", CHECK_CASES)
+def test_check_refuses_what_a_run_refuses(name, world, baseline, capfd, no_real_work, tmp_path):
+    """``--check`` runs the same checks: the same exit code and message, and still nothing written."""
+    _, command, build, message = next(case for case in CASES if case[0] == name)
+    fresh_store = tmp_path / "mlflow.db"
+    argv = [f"sqlite:///{fresh_store}" if arg == world["uri"] else arg for arg in build(world)]
+    code, printed = run_in_process(command, [*argv, "--check"], capfd)
+    assert code == EXIT_USER_ERROR and re.search(message, printed, flags=re.DOTALL), printed
+    assert sum(line.startswith("error: ") for line in printed.splitlines()) == 1, printed
+    assert snapshot(world) == baseline and not fresh_store.exists()
 
 
 SUBPROCESS_CASES = ["yaml-syntax", "evaluate-checkpoint-tampered", "finetune-unknown-defense", "data-corrupt-image"]

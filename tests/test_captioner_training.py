@@ -159,7 +159,7 @@ def test_captioners_are_told_apart_by_their_class_before_loading(captioner_dir, 
 
 def _captioner_sweep(directory, metric: str, **experiment) -> dict:
     return {"experiment": {"name": "cap", "model": f"hf-blip-cap:{directory}", "eval_attacks": [],
-                           "options": {"a": 0}, **experiment},
+                           "a": 0, **experiment},
             "search": {"algorithm": "grid", "objectives": [{"metric": metric}]}}
 
 
@@ -169,8 +169,8 @@ def test_a_captioner_sweep_optimises_a_caption_metric_and_refuses_recall(caption
         parse_sweep_spec(_captioner_sweep(captioner_dir, "clean/tr1"), "cap.yaml")
     with pytest.raises(UserError, match="METEOR|'clean/meteor' is not produced"):
         parse_sweep_spec(_captioner_sweep(captioner_dir, "clean/meteor"), "cap.yaml")
-    with pytest.raises(UserError, match="experiment: key .*set a: 0"):
-        parse_sweep_spec(_captioner_sweep(captioner_dir, "clean/cider", options={}), "cap.yaml")
+    with pytest.raises(UserError, match="key 'experiment'.*set a: 0"):
+        parse_sweep_spec(_captioner_sweep(captioner_dir, "clean/cider", a=0.002), "cap.yaml")
 
 
 def test_the_finetune_command_trains_and_scores_a_captioner(captioner_dir, tmp_path, no_java, capsys):

@@ -157,7 +157,7 @@ def sweep_store(ray_session, random_tiny_clip_weights, tmp_path_factory) -> dict
     data = {
         "experiment": {"name": EXPERIMENT, "model": f"tiny-clip@{random_tiny_clip_weights}", "train_data": "synthetic:train,n=12",
                        "eval_data": "synthetic:test,n=6", "epochs": 2, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
-                       "options": {"M": 2}},
+                       "M": 2},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
         "search": {"algorithm": "tpe", "num_trials": 2, "seed": 0, "objectives": [{"metric": OBJECTIVE, "mode": "max"}]},
         "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}, "N": {"distribution": "int", "low": 1, "high": 2}},

@@ -51,7 +51,7 @@ def tiny_sweep(weights, name: str, epochs: int = 2, **search) -> dict:
     return {
         "experiment": {"name": name, "model": f"tiny-clip@{weights}", "train_data": "synthetic:train,n=12",
                        "eval_data": "synthetic:test,n=6", "epochs": epochs, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
-                       "options": {"M": 2, "N": 1, "eval_every": 0}},
+                       "M": 2, "N": 1, "eval_every": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1, "max_failures": 1},
         "search": {"algorithm": "tpe", "num_trials": 1, "seed": 0, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}], **search},
         "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}},

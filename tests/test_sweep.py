@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from platform.sweep import pareto_front, run_sweep
+from platform.results import pareto_front
+from platform.sweep import run_sweep
 from platform.sweep_spec import parse_sweep_spec
 from platform.tracking import ROLE_TAG, SWEEP_TAG, sha256_of
 
@@ -24,7 +25,7 @@ def tiny_sweep(weights, name: str, **search) -> dict:
     return {
         "experiment": {"name": name, "model": f"tiny-clip@{weights}", "train_data": "synthetic:train,n=12",
                        "eval_data": "synthetic:test,n=6", "epochs": 2, "batch_size": 6, "pgd_steps": 1, "eval_eps": ["4/255"],
-                       "options": {"M": 2}},
+                       "M": 2},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
         "search": {"algorithm": "tpe", "num_trials": 2, "seed": 0, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}], **search},
         "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}, "N": {"distribution": "int", "low": 1, "high": 2}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from platform.sweep_checks import SEARCHABLE
 from platform.sweep_spec import load_sweep_spec, parse_sweep_spec
+from trainables.config import TrainConfig
 from trainables.errors import UserError
 from trainables.models import is_captioner_spec
 
@@ -38,7 +41,7 @@ DELETE = object()
 
 MISTAKES = [
     ("experiment.learning_rate", 0.1, r"experiment.learning_rate': unknown key"),
-    ("experiment.defense", "madry", r"'defense'.*'mava', 'fare' or 'tecoa'"),
+    ("experiment.defense", "madry", r"experiment.defense'.*'mava', 'fare' or 'tecoa'"),
     ("experiment.epochs", 0, r"experiment.epochs'.*greater than or equal to 1"),
     ("experiment.epochs", "ten", r"experiment.epochs'.*valid integer.*'ten'"),
     ("experiment.name", "my sweep!", r"experiment.name'.*pattern"),
@@ -86,7 +89,7 @@ def test_grid_needs_choices():
 def test_eps_is_accepted_as_a_fraction_everywhere():
     spec = parse_sweep_spec(GOOD, "sweep.yaml")
     assert spec.space["eps"].values == [2 / 255, 4 / 255]
-    assert spec.experiment.eval_eps == [2 / 255, 4 / 255]
+    assert spec.experiment.eval_eps == (2 / 255, 4 / 255)
 
 
 def test_syntax_errors_and_missing_files(tmp_path):
@@ -96,10 +99,11 @@ def test_syntax_errors_and_missing_files(tmp_path):
         load_sweep_spec(broken)
     with pytest.raises(UserError, match="does not exist.*search_spaces/abc.yaml"):
         load_sweep_spec(tmp_path / "missing.yaml")
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    with pytest.raises(UserError, match="experiment'.*Field required"):
-        load_sweep_spec(empty)
+    for text in ("", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(UserError, match=r"^sweep file .*empty.yaml is empty: write its sections experiment:, search: and space:"):
+            load_sweep_spec(empty)
 
 
 def test_shipped_sweep_files_are_valid():
@@ -115,3 +119,117 @@ def test_the_command_line_prints_one_message_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "platform.sweep", "--space", str(bad)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "search.algorithm" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- one schema: experiment: is TrainConfig, space: entries obey their field's type ----------------------
+
+
+def test_the_embedded_default_resolves_to_the_same_training_config_as_before():
+    """abc.yaml's first trial (the paper's point in search.initial_points), field by field, as the old
+    experiment: + options: schema resolved it (printed by that code before the change): the numbers must not move."""
+    spec = load_sweep_spec(REPO_ROOT / "search_spaces" / "abc.yaml")
+    resolved = spec.train_config(spec.search.initial_points[0]).model_dump(mode="json")
+    assert resolved == {
+        "model": "tiny-clip", "defense": "mava", "train_data": "synthetic:train,n=256", "eval_data": "synthetic:test,n=100",
+        "epochs": 2, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4, "optimizer": "adamw", "momentum": 0.9,
+        "eps": 4 / 255, "pgd_steps": 10, "pgd_step_size": 1 / 255, "a": 0.002, "b": 0.4, "c": 0.6, "N": 3, "M": 5, "beta": 1.5,
+        "neighbours": "uniform", "embedding_space": "raw", "cms_form": "one_minus_cos", "sca_half": True,
+        "inner_text_distance": False, "eval_attacks": ["pgd"], "eval_eps": [2 / 255, 4 / 255], "eval_every": 1, "seed": 0,
+        "device": "auto", "precision": "fp32", "compile": False, "channels_last": False,
+    }
+    # What Tune hands every trial (fixed options under "train") is that config before the searched keys are applied.
+    assert spec.fixed_options() == spec.train_config().model_dump(mode="json")
+
+
+def test_defaults_are_the_training_configs_own():
+    spec = parse_sweep_spec({**GOOD, "experiment": {"name": "t"}}, "sweep.yaml")
+    assert spec.train_config() == TrainConfig()  # one set of defaults: epochs 10, SGD, the paper's a, b, c...
+
+
+def test_the_old_options_section_is_refused_with_where_each_key_goes():
+    data = with_change("experiment.options", {"optimizer": "adamw", "eval_every": 0})
+    with pytest.raises(UserError, match=r"^experiment.options is gone: write `optimizer: adamw`, `eval_every: 0` directly under experiment:"):
+        parse_sweep_spec(data, "sweep.yaml")
+
+
+INT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation is int and name in SEARCHABLE]
+FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation is float]
+
+
+def test_the_integer_fields_come_from_the_annotations():
+    assert {"seed", "eval_every", "N", "M", "epochs", "pgd_steps", "batch_size"} == set(INT_FIELDS)
+    assert {"lr", "eps", "a", "b", "c", "beta", "momentum"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("key", INT_FIELDS)
+@pytest.mark.parametrize("kind", ["uniform", "loguniform"])
+def test_an_integer_field_refuses_a_continuous_distribution(key, kind):
+    with pytest.raises(UserError, match=rf"space: key '{key}' takes integers, but {kind} draws fractions: write it as `\{{distribution: int, low: 1, high: 3\}}`"):
+        parse_sweep_spec(with_change(f"space.{key}", {"distribution": kind, "low": 1, "high": 3}), "sweep.yaml")
+    spec = parse_sweep_spec(with_change(f"space.{key}", {"distribution": "int", "low": 1, "high": 3}), "sweep.yaml")
+    assert spec.candidate_values(key) == [1, 3]
+
+
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_a_float_field_takes_uniform_and_loguniform_within_its_own_range(key):
+    default = TrainConfig.model_fields[key].default
+    for kind in ("uniform", "loguniform"):
+        spec = parse_sweep_spec(with_change(f"space.{key}", {"distribution": kind, "low": default / 2, "high": default}), "sweep.yaml")
+        assert spec.space[key].distribution == kind
+
+
+@pytest.mark.parametrize("key, distribution, message", [
+    ("momentum", {"distribution": "uniform", "low": 0.5, "high": 1.0}, r"key 'momentum' value 1.0: Input should be less than 1"),
+    ("eval_every", {"distribution": "int", "low": -1, "high": 2}, r"key 'eval_every' value -1: .*greater than or equal to 0"),
+    ("optimizer", {"distribution": "uniform", "low": 0, "high": 1}, r"key 'optimizer' takes one of sgd, adamw, not a number range: write it as `\{distribution: choice"),
+    ("compile", {"distribution": "int", "low": 0, "high": 1}, r"key 'compile' takes true or false, not a number range"),
+    ("seed", {"distribution": "choice", "values": [0, 1.5]}, r"key 'seed' value 1.5: .*valid integer"),
+    ("device", {"distribution": "choice", "values": ["cpu", "gpu"]}, r"key 'device' value 'gpu': unknown device 'gpu': use auto"),
+    ("model", {"distribution": "choice", "values": ["tiny-clip"]}, r"key 'model' is the same for every trial of a sweep.*set it under experiment:"),
+])
+def test_each_space_entry_is_checked_against_its_field(key, distribution, message):
+    with pytest.raises(UserError, match=message):
+        parse_sweep_spec(with_change(f"space.{key}", distribution), "sweep.yaml")
+
+
+def test_device_accepts_only_what_the_loop_can_run():
+    with pytest.raises(UserError, match=r"experiment.device'.*unknown device 'gpu': use auto .*cpu, cuda or cuda:N"):
+        parse_sweep_spec(with_change("experiment.device", "gpu"), "sweep.yaml")
+    with pytest.raises(UserError, match=r"experiment.device 'cuda' runs each worker on a GPU, but resources.gpus_per_worker is 0: set device: auto"):
+        parse_sweep_spec(with_change("experiment.device", "cuda"), "sweep.yaml")
+    data = with_change("experiment.device", "cuda:1")
+    data["resources"] = {"gpus_per_worker": 1}
+    assert parse_sweep_spec(data, "sweep.yaml").experiment.device == "cuda:1"  # the machine check comes later (preflight)
+
+
+@pytest.mark.parametrize("written, rewritten", [
+    ({"uniform": [0.1, 1.0]}, "{distribution: uniform, low: 0.1, high: 1.0}"),
+    ({"loguniform": [1.0e-5, 1.0e-3]}, "{distribution: loguniform, low: 1.0e-05, high: 0.001}"),
+    ({"randint": [1, 5]}, "{distribution: int, low: 1, high: 4}"),  # Ray's randint excludes 5
+    ({"choice": [0.01, 0.1]}, "{distribution: choice, values: [0.01, 0.1]}"),
+    ({"min": 0.1, "max": 1.0}, "{distribution: uniform, low: 0.1, high: 1.0}"),  # W&B
+    ({"distribution": "log_uniform_values", "min": 0.01, "max": 0.1}, "{distribution: loguniform, low: 0.01, high: 0.1}"),  # W&B
+    ({"values": [0.01, 0.1]}, "{distribution: choice, values: [0.01, 0.1]}"),  # W&B
+])
+def test_ray_and_wandb_ranges_get_this_files_spelling(written, rewritten):
+    with pytest.raises(UserError, match=r"^space: key 'a': `.*` is Ray Tune / W&B style: write it as `" + re.escape(rewritten) + "`\n") as info:
+        parse_sweep_spec(with_change("space.a", written), "sweep.yaml")
+    assert "discriminator" not in str(info.value)
+    fixed = parse_sweep_spec(with_change("space.a", yaml.safe_load(rewritten)), "sweep.yaml")  # the suggestion is valid
+    assert fixed.space["a"].distribution == yaml.safe_load(rewritten)["distribution"]
+
+
+def test_epochs_may_be_searched_and_asha_runs_to_the_longest():
+    from platform.search import scheduler
+
+    data = with_change("space.epochs", {"distribution": "choice", "values": [1, 3]})
+    data["search"]["scheduler"] = {"type": "asha"}
+    spec = parse_sweep_spec(data, "sweep.yaml")
+    assert spec.largest("epochs") == 3 and scheduler(spec)._max_t == 3
+
+
+def test_initial_points_are_checked_like_trials():
+    data = with_change("space.N", {"distribution": "int", "low": 1, "high": 3})
+    data["search"]["initial_points"] = [{"N": 0}]
+    with pytest.raises(UserError, match=r"search.initial_points\[0\]: Input should be greater than or equal to 1"):
+        parse_sweep_spec(data, "sweep.yaml")

@@ -8,11 +8,13 @@ from the authors' public code are named options; every result records them.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from fractions import Fraction
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainables.attacks import ATTACKS
 from trainables.defenses.mava import CmsForm
 from trainables.errors import UserError
 from trainables.models import is_captioner_spec
@@ -101,7 +103,7 @@ class TrainConfig(BaseModel):
     eval_eps: tuple[float, ...] = (2 / 255, 4 / 255)
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
     seed: int = 0
-    device: str = "auto"  # "auto" = cuda when available, else cpu
+    device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:N
     # Speed options for CUDA GPUs (issue 7, numbers in BENCHMARKS.md). The step's mathematics is unchanged
     # except for bf16 rounding. Training refuses them when the device resolves to a CPU, where they did
     # not make the step faster (trainables.train.check_speed_options says why).
@@ -120,6 +122,22 @@ class TrainConfig(BaseModel):
         # A command line's ``--set eval_attacks=pgd,sga`` (or ``=`` for none) arrives as one string.
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("eval_attacks")
+    @classmethod
+    def _known_attacks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        # Only the devices the loop can run (torch.device names it resolves); "gpu" or "mps" would fail in a worker.
+        if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+            raise ValueError(f"unknown device {value!r}: use auto (a GPU when there is one), cpu, cuda or cuda:N")
         return value
 
     @field_validator("eval_eps", mode="before")
