@@ -20,11 +20,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from platform.sweep_spec import Algorithm, Choice, Fixed, IntRange, LogUniform, SweepSpec, Uniform
 
-from trainables.ray_worker import FINAL_PREFIX
+from trainables.names import EPOCH, final_metric
 
 
 def final_key(metric: str) -> str:
-    return FINAL_PREFIX + metric
+    return final_metric(metric)
 
 
 def tune_space(spec: SweepSpec) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def scheduler(spec: SweepSpec):
     if spec.search.scheduler is None:
         return None
     objective = spec.search.objectives[0]
-    return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode.value,
+    return ASHAScheduler(time_attr=EPOCH, metric=objective.metric, mode=objective.mode.value,
                          max_t=spec.experiment.epochs, grace_period=spec.search.scheduler.grace_period,
                          reduction_factor=spec.search.scheduler.reduction_factor)
 

@@ -35,8 +35,10 @@ from trainables.ray_worker import run_trial, training_options
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.config import TrainConfig
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec, load_model, parse_model_spec
-from trainables.models.tiny_clip import ensure_pretrained
+from trainables.models import load_model, model_kind, parse_model_spec
+from trainables.models.embedded import ResolvedModel, base_weights_store, resolve_model
+from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_MODEL_KEY, BEST_RUN_TAG, DEFENSE_TAG, EPOCH, FAILED_TRIALS_TAG, MODEL_TAG,
+                              ROLE_TRIAL, STATUS_FAILED, STATUS_FINISHED, SWEEP_WALL_SECONDS)
 
 # The Tune trial only launches and watches its Train run; its workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
@@ -142,7 +144,7 @@ def check_inputs(spec: SweepSpec) -> None:
     for key in ("train_data", "eval_data"):
         parse_data_spec(base[key])
     train_set = load_dataset(base["train_data"], image_size=32)
-    if not is_captioner_spec(base["model"]):
+    if model_kind(base["model"]).model_class.has_text_encoder:
         check_min_captions(train_set, largest_m(spec))
     if parse_data_spec(base["eval_data"]).kind != "synthetic":  # a real dataset: its files must be there too
         load_dataset(base["eval_data"], image_size=32)
@@ -160,9 +162,9 @@ def largest_m(spec: SweepSpec) -> int:
     return int(spec.base_training_options().get("M", TrainConfig.model_fields["M"].default))
 
 
-def check_model_loads(spec: SweepSpec) -> None:
+def check_model_loads(resolved: ResolvedModel) -> None:
     """Load the model once in the driver: a corrupt, tampered or mismatched weights file fails here, not in every trial."""
-    load_model(spec.experiment.model)
+    load_model(resolved.spec)
 
 
 def resolve_sweep_id(spec: SweepSpec, storage_path: str, resume: str | bool) -> str:
@@ -201,7 +203,8 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
         ray.init(dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
 
 
-def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool,
+                resolved: ResolvedModel) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     path = os.path.join(locations.storage_path, sweep_id)
     if resume:
@@ -212,6 +215,7 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
         "train": {k: v for k, v in spec.base_training_options().items()},
         "sweep": {"sweep_id": sweep_id, "storage_path": locations.storage_path, "searched": searched,
                   "objectives": spec.objective_metrics(),
+                  PINNED_MODEL_KEY: str(resolved.spec), BASE_WEIGHTS_SHA256: resolved.base_weights_sha256,
                   **spec.resources.model_dump(include={"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"})},
     }
     return tune.Tuner(
@@ -244,7 +248,7 @@ def trial_rows(results: tune.ResultGrid, spec: SweepSpec) -> list[dict]:
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
         row.update({k: config.get(k) for k in sorted(spec.space)})
-        row["epochs"] = metrics.get("epoch")
+        row["epochs"] = metrics.get(EPOCH)
         for metric in spec.objective_metrics():
             row[metric] = metrics.get(final_key(metric))
         rows.append(row)
@@ -281,9 +285,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     check_resources(spec)
     check_inputs(spec)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
-    if spec.experiment.model == "tiny-clip":
-        ensure_pretrained()  # once, in the driver, before trials start (they would race to pretrain)
-    check_model_loads(spec)
+    # Once, in the driver: an embedded model is pretrained here if needed and pinned to a content-addressed
+    # file under the storage folder, which every worker on every node loads (none pretrains its own copy).
+    resolved = resolve_model(spec.experiment.model, base_weights_store(locations.storage_path))
+    check_model_loads(resolved)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
     parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, {
@@ -291,12 +296,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
         "objectives": json.dumps([o.model_dump(mode="json") for o in spec.search.objectives]),
         "space": json.dumps({k: v.model_dump(mode="json") for k, v in spec.space.items()}),
         **{f"fixed.{k}": v for k, v in spec.base_training_options().items()},
-    }, tags={"mava.model": spec.experiment.model, "mava.defense": spec.experiment.defense})
-    family = "clip" if "clip" in spec.experiment.model else spec.experiment.model.split(":")[0]
-    tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id, family)
+        BASE_WEIGHTS_SHA256: resolved.base_weights_sha256,
+    }, tags={MODEL_TAG: spec.experiment.model, DEFENSE_TAG: spec.experiment.defense})
+    tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id)
     init_ray(dashboard_host)
     started = time.perf_counter()
-    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
+    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), resolved).fit()
     wall_seconds = time.perf_counter() - started
     rows = trial_rows(results, spec)
     front = pareto_front(rows, spec)
@@ -312,18 +317,18 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     if best is not None and spec.tracking.register_best:
         model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
         summary["registered"] = {"name": model_name, "version": register_best(client, best, model_name), "run_id": best}
-        client.set_tag(parent_run_id, "mava.best_run_id", best)
-    client.log_metric(parent_run_id, "sweep/wall_seconds", wall_seconds)
+        client.set_tag(parent_run_id, BEST_RUN_TAG, best)
+    client.log_metric(parent_run_id, SWEEP_WALL_SECONDS, wall_seconds)
     failed = sum(1 for r in rows if r["status"] != "OK")
-    client.set_tag(parent_run_id, "mava.failed_trials", str(failed))
+    client.set_tag(parent_run_id, FAILED_TRIALS_TAG, str(failed))
     client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED if failed < len(rows) else RunStatus.FAILED))
     return summary
 
 
 def ended_trials(client: MlflowClient, experiment_id: str, sweep_id: str) -> int:
     """Trials of this sweep whose MLflow child run has ended (finished or failed)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = 'trial'")
-    return sum(1 for run in runs if run.info.status in ("FINISHED", "FAILED"))
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'")
+    return sum(1 for run in runs if run.info.status in (STATUS_FINISHED, STATUS_FAILED))
 
 
 def _best_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, spec: SweepSpec, front: list[dict]) -> str | None:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainables.attacks import ATTACKS
 from trainables.config import TrainConfig, describe_validation_error, parse_eps, train_config_from
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
+from trainables.models import model_kind
+from trainables.tasks import task_info
 
 SEARCHABLE = tuple(name for name in TrainConfig.model_fields if name not in {"model", "train_data", "eval_data", "eval_attacks", "eval_eps", "device", "epochs"})
 EPS_KEYS = {"eps", "pgd_step_size"}
@@ -217,15 +217,10 @@ def _check_space(spec: SweepSpec) -> None:
 
 
 def _check_objectives(spec: SweepSpec) -> None:
-    if is_captioner_spec(spec.experiment.model):
-        # A captioner is evaluated on clean captions (trainables.train.evaluate_model); METEOR and
-        # SPICE are left out because they are missing wherever Java or SPICE's jars are.
-        valid = [metric_name(CLEAN, None, k) for k in ALWAYS_COMPUTED_CAPTION_KEYS]
-        produced_by = "a captioner's evaluation: clean captions, BLEU/ROUGE-L/CIDEr"
-    else:
-        valid = [metric_name(CLEAN, None, k) for k in RECALL_KEYS]
-        valid += [metric_name(a, eps, k) for a in spec.experiment.eval_attacks for eps in spec.experiment.eval_eps for k in RECALL_KEYS]
-        produced_by = "experiment.eval_attacks x eval_eps"
+    # The model kind's task says which metrics its per-epoch evaluation records (trainables.tasks).
+    task = task_info(model_kind(spec.experiment.model).task)
+    valid = task.objectives(tuple(spec.experiment.eval_attacks), tuple(spec.experiment.eval_eps))
+    produced_by = task.produces
     for index, objective in enumerate(spec.search.objectives):
         if objective.metric not in valid:
             raise UserError(
