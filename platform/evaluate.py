@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_spec = parse_model_spec(args.surrogate) if args.surrogate else None
     weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
-    parse_data_spec(args.data)
+    data_spec = parse_data_spec(args.data)
     output = output_file(args.output) if args.output else None
     if args.mlm and not Path(args.mlm).expanduser().is_dir():
         raise UserError(f"--mlm {args.mlm} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
-    dataset = load_dataset(args.data, model.image_size)
+    dataset = load_dataset(data_spec, model.image_size)
     if surrogate is not None and surrogate.image_size != model.image_size:
         raise UserError(f"the surrogate takes {surrogate.image_size} px images but the evaluated model {model.image_size} px: "
                         "use a surrogate with the same input size")

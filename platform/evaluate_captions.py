@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_spec = parse_model_spec(args.surrogate) if args.surrogate else None
     weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
-    parse_data_spec(args.data)
+    data_spec = parse_data_spec(args.data)
     output = output_file(args.output) if args.output else None
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
-    dataset = load_dataset(args.data, model.image_size)
+    dataset = load_dataset(data_spec, model.image_size)
     settings = CaptionEvalSettings(eps=args.eps, batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
                                    max_length=args.max_length, min_length=args.min_length, num_beams=args.num_beams)
     result = evaluate_captioning(model, dataset, attack=args.attack, surrogate=surrogate, settings=settings,

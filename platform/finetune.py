@@ -67,18 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{error}\nfix it on the command line (--defense, --epochs, --set KEY=VALUE); "
                         "trainables/config.py documents every option") from None
     # Every input is checked before the model loads: a typo costs no model load and no evaluation.
-    parse_model_spec(config.model)
-    parse_data_spec(config.train_data)
-    parse_data_spec(config.eval_data)
+    # Parsed once: the loads below use these values (relative paths already absolute).
+    model_spec = parse_model_spec(config.model)
+    train_spec, eval_spec = parse_data_spec(config.train_data), parse_data_spec(config.eval_data)
     unknown = [name for name in config.eval_attacks if name not in ATTACKS]
     if unknown:
         raise UserError(f"--set eval_attacks: unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
     out = writable_folder(Path(args.out).expanduser().resolve())
-    model = load_model(config.model)
-    train_set = load_dataset(config.train_data, model.image_size)
+    model = load_model(model_spec)
+    train_set = load_dataset(train_spec, model.image_size)
     if model.has_text_encoder:  # a captioner's training reads no captions
         check_min_captions(train_set, config.M)
-    eval_set = load_dataset(config.eval_data, model.image_size)
+    eval_set = load_dataset(eval_spec, model.image_size)
     print(f"evaluating {config.model} as loaded on {config.eval_data} ...")
     before = evaluate_model(model, eval_set, config, progress=True)
 

@@ -28,6 +28,7 @@ from ray import tune
 
 from platform.cli import check_writable, parse_assignments, run_cli
 from platform.search import final_key, num_samples, planned_trials, scheduler, searcher, tune_space
+from platform.specs import PinnedSpecs, pin_specs
 from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
 from platform.tracking import (ROLE_TAG, SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
                                get_or_create_parent_run, register_best)
@@ -36,8 +37,8 @@ from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.config import TrainConfig
 from trainables.errors import UserError
 from trainables.models import load_model, model_kind, parse_model_spec
-from trainables.models.embedded import ResolvedModel, base_weights_store, resolve_model
-from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_MODEL_KEY, BEST_RUN_TAG, DEFENSE_TAG, EPOCH, FAILED_TRIALS_TAG, MODEL_TAG,
+from trainables.models.embedded import ResolvedModel
+from trainables.names import (BASE_WEIGHTS_SHA256, BEST_RUN_TAG, DEFENSE_TAG, EPOCH, FAILED_TRIALS_TAG, MODEL_TAG, PINNED_SPECS_KEY,
                               ROLE_TRIAL, STATUS_FAILED, STATUS_FINISHED, SWEEP_WALL_SECONDS)
 
 # The Tune trial only launches and watches its Train run; its workers hold the CPUs.
@@ -204,7 +205,7 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
 
 
 def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool,
-                resolved: ResolvedModel) -> tune.Tuner:
+                pinned: PinnedSpecs) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     path = os.path.join(locations.storage_path, sweep_id)
     if resume:
@@ -215,7 +216,7 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
         "train": {k: v for k, v in spec.base_training_options().items()},
         "sweep": {"sweep_id": sweep_id, "storage_path": locations.storage_path, "searched": searched,
                   "objectives": spec.objective_metrics(),
-                  PINNED_MODEL_KEY: str(resolved.spec), BASE_WEIGHTS_SHA256: resolved.base_weights_sha256,
+                  PINNED_SPECS_KEY: pinned.worker_options(), BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256,
                   **spec.resources.model_dump(include={"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"})},
     }
     return tune.Tuner(
@@ -285,10 +286,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     check_resources(spec)
     check_inputs(spec)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
-    # Once, in the driver: an embedded model is pretrained here if needed and pinned to a content-addressed
-    # file under the storage folder, which every worker on every node loads (none pretrains its own copy).
-    resolved = resolve_model(spec.experiment.model, base_weights_store(locations.storage_path))
-    check_model_loads(resolved)
+    # Once, in the driver: specs parsed to canonical form; an embedded model pretrained here if needed and pinned to
+    # a content-addressed file under the storage folder, which every worker on every node loads (none pretrains).
+    pinned = pin_specs(spec.base_training_options(), locations.storage_path)
+    check_model_loads(pinned.model)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
     parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, {
@@ -296,12 +297,12 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
         "objectives": json.dumps([o.model_dump(mode="json") for o in spec.search.objectives]),
         "space": json.dumps({k: v.model_dump(mode="json") for k, v in spec.space.items()}),
         **{f"fixed.{k}": v for k, v in spec.base_training_options().items()},
-        BASE_WEIGHTS_SHA256: resolved.base_weights_sha256,
+        BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256,
     }, tags={MODEL_TAG: spec.experiment.model, DEFENSE_TAG: spec.experiment.defense})
     tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id)
     init_ray(dashboard_host)
     started = time.perf_counter()
-    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), resolved).fit()
+    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
     wall_seconds = time.perf_counter() - started
     rows = trial_rows(results, spec)
     front = pareto_front(rows, spec)

@@ -46,7 +46,8 @@ BEST_RUN_TAG = TAG_PREFIX + "best_run_id"  # on the parent run: the registered t
 FAILED_TRIALS_TAG = TAG_PREFIX + "failed_trials"
 # The sha256 of the base model's weights every worker of a trial loaded (a param and a tag of each trial).
 BASE_WEIGHTS_SHA256 = "base_weights_sha256"
-PINNED_MODEL_KEY = "pinned_model"  # the pinned model spec (weights file included) every worker of a sweep loads
+# Under a trial's "sweep" settings: the canonical model and data specs every worker loads (platform/specs.py).
+PINNED_SPECS_KEY = "pinned_specs"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"

@@ -42,7 +42,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.errors import NonFiniteLossError
-from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_MODEL_KEY, CHECKPOINT_PATH_KEY, DONE_FILE, EPOCH, NONFINITE_FILE,
+from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY, CHECKPOINT_PATH_KEY, DONE_FILE, EPOCH, NONFINITE_FILE,
                               NONFINITE_KEY, final_metric)
 # Bookkeeping keys (no '/', so the MLflow tracker never logs them as metrics).
 RESUMED_FROM_KEY = "resumed_from_epoch"
@@ -124,13 +124,13 @@ def training_options(config: dict) -> dict:
 
 
 def worker_options(config: dict) -> dict:
-    """What the Train workers run: :func:`training_options` with the model spec the sweep's edge pinned, if any.
+    """What the Train workers run: :func:`training_options` with the specs the sweep's edge parsed and pinned.
 
-    The trial's recorded options keep the spec as the user wrote it (``tiny-clip``); the workers load
-    ``sweep.pinned_model`` (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``).
+    The trial's recorded options keep the specs as the user wrote them (``tiny-clip``); the workers get
+    ``sweep.pinned_specs``: canonical strings with absolute paths, the model pinned to its weights file
+    (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``).
     """
-    pinned = config["sweep"].get(PINNED_MODEL_KEY)
-    return {**training_options(config), **({"model": pinned} if pinned else {})}
+    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {})}
 
 
 def run_trial(config: dict) -> None:
