@@ -46,7 +46,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from benchmarks.common import hardware, write_json  # noqa: E402
 from platform.sweep import run_sweep  # noqa: E402
 from platform.sweep_spec import parse_sweep_spec  # noqa: E402
-from platform.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG  # noqa: E402
+from trainables.names import EPOCH_SECONDS, FAILURE_TAG, ROLE_TAG, ROLE_TRIAL, SETUP_SECONDS, SWEEP_TAG, TRIAL_TAG  # noqa: E402
 
 TARGET = 1.25  # issue 7
 EXPERIMENT = "sweep-overhead"
@@ -69,14 +69,14 @@ def sweep_data(args: argparse.Namespace) -> dict:
 
 def trial_training_seconds(client: MlflowClient, experiment_id: str, sweep_id: str) -> list[dict[str, float | str]]:
     """Per trial: setup seconds, epoch seconds, and their sum (the trial's training time)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = 'trial'")
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'")
     trials = []
     for run in runs:
-        setup = [m.value for m in client.get_metric_history(run.info.run_id, "time/setup_seconds")]
-        epochs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "time/epoch_seconds"), key=lambda m: m.step)]
+        setup = [m.value for m in client.get_metric_history(run.info.run_id, SETUP_SECONDS)]
+        epochs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, EPOCH_SECONDS), key=lambda m: m.step)]
         if not setup or not epochs:
             raise RuntimeError(f"trial run {run.info.run_id} has no time/setup_seconds or time/epoch_seconds: "
-                               f"did it fail? status {run.info.status}, tags {run.data.tags.get('mava.failure', '')[:500]}")
+                               f"did it fail? status {run.info.status}, tags {run.data.tags.get(FAILURE_TAG, '')[:500]}")
         # The child run opens when Tune starts the trial and closes after its encoder is uploaded.
         run_seconds = (run.info.end_time - run.info.start_time) / 1000
         trials.append({"trial": run.data.tags[TRIAL_TAG], "setup_seconds": sum(setup), "epoch_seconds": epochs,

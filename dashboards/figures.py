@@ -19,6 +19,7 @@ from matplotlib.ticker import NullFormatter
 from dashboards.importance import Importances
 from dashboards.records import CLEAN_TR1, Trial
 from platform.compare import is_caption_metric
+from trainables.names import EPOCH
 
 DPI = 90
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -106,7 +107,7 @@ def curves_figure(trial: Trial, losses: Sequence[str], evals: Sequence[str]) -> 
             axes.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=axes.transAxes, color="#888")
         elif axes is left and all(v > 0 for k in drawn for _, v in trial.history[k]):
             axes.set_yscale("log")  # the MAVA terms differ by orders of magnitude; one linear axis flattens the small ones
-        axes.set(xlabel="epoch", title=title)
+        axes.set(xlabel=EPOCH, title=title)
         axes.grid(alpha=0.3)
         if drawn:
             axes.legend(fontsize=7, loc="best")

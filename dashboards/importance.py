@@ -17,6 +17,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from dashboards.records import Sweep, Trial
+from trainables.names import STATUS_FINISHED
 
 EVALUATORS: dict[str, Callable[[], optuna.importance.BaseImportanceEvaluator]] = {
     # Seeded: the same records give the same page. fANOVA (default) needs scikit-learn, which MLflow installs.
@@ -90,7 +91,7 @@ def sweep_importances(sweep: Sweep, trials: list[Trial], metric: str, mode: str 
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", study_name=sweep.sweep_id)
     notes, values = [], []
     for trial in trials:
-        if trial.sweep_id != sweep.sweep_id or trial.status != "FINISHED" or metric not in trial.metrics:
+        if trial.sweep_id != sweep.sweep_id or trial.status != STATUS_FINISHED or metric not in trial.metrics:
             continue
         params = {k: param_value(trial.params.get(k, ""), d) for k, d in searched.items()}
         outside = sorted(k for k, v in params.items() if v is None)

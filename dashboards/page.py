@@ -91,7 +91,7 @@ def _key_label(key: str) -> str:
 
 def _attack_label(prefix: str) -> str:
     if prefix == CLEAN:
-        return "clean"
+        return CLEAN
     attack, _, eps = prefix.partition("/eps")
     return f"{attack} eps {eps}/255"
 

@@ -14,10 +14,10 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from platform.compare import CAPTION_RANK, GROUP_TAGS, caption_columns, find_experiment, is_caption_metric, recall_columns
-from platform.tracking import CHECKPOINT_ARTIFACT_DIR, FAILURE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
-from trainables.checkpoint import VISION_FILE
 from trainables.errors import UserError
-from trainables.names import CLEAN, LOSS_KEYS, train_metric
+from trainables.names import (CHECKPOINT_ARTIFACT_DIR, CLEAN, FAILURE_TAG, LOSS_KEYS, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL,
+                              STATUS_FINISHED, SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, train_metric)
+from trainables.tasks import Task, task_of_metrics
 
 MAX_RUNS = 5000  # one search page; far above any sweep this platform runs
 # The parameters the paper searches: always plotted when they vary, even across sweeps.
@@ -56,6 +56,7 @@ class Trial:
     checkpoint: str | None  # artifact URI of the robust encoder, None when the run has none
     failure: str | None = None  # last line of why the trial failed (the error itself), as the sweep tagged it
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
+    task: Task = Task.RETRIEVAL  # as tagged (mava.task); runs recorded before the tag: the task of their metrics
 
     @property
     def group(self) -> tuple[str, str]:
@@ -74,7 +75,7 @@ class ExperimentRecords:
         return next((s for s in self.sweeps if s.sweep_id == sweep_id), None)
 
     def finished(self) -> list[Trial]:
-        return [t for t in self.trials if t.status == "FINISHED"]
+        return [t for t in self.trials if t.status == STATUS_FINISHED]
 
     def metric_names(self) -> set[str]:
         return {name for t in self.trials for name in t.metrics}
@@ -104,8 +105,8 @@ def load_records(client: MlflowClient, experiment_name: str, tracking_uri: str) 
     """Every sweep and trial run of an experiment, or a UserError saying why there is nothing to report."""
     experiment = find_experiment(client, experiment_name)
     ids = [experiment.experiment_id]
-    parents = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
-    runs = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = 'trial'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    parents = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'", max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
     if not runs:
         raise UserError(f"experiment {experiment_name!r} has no trial runs: run a sweep into it first "
                         f"(python -m platform.sweep --space search_spaces/abc.yaml) or pass the --experiment that holds one")
@@ -132,7 +133,8 @@ def _trial(client: MlflowClient, run: Run) -> Trial:
     model, defense, eps = (tags.get(t, "?") for t in GROUP_TAGS)
     return Trial(run.info.run_id, run.info.run_name or run.info.run_id, tags.get(SWEEP_TAG, "?"), tags.get(TRIAL_TAG, "?"),
                  run.info.status, model, defense, eps, dict(run.data.params), dict(run.data.metrics),
-                 _checkpoint_uri(client, run), _last_line(tags.get(FAILURE_TAG)), history)
+                 _checkpoint_uri(client, run), _last_line(tags.get(FAILURE_TAG)), history,
+                 Task(tags[TASK_TAG]) if TASK_TAG in tags else task_of_metrics(set(run.data.metrics)))
 
 
 def _last_line(text: str | None) -> str | None:
@@ -175,7 +177,7 @@ def sweep_objective(sweep: Sweep, trials: list[Trial], preferred: str) -> str:
     robust recall, which a captioner sweep never records: its own objective (``clean/cider``)
     is the one its importances and scatter can show.
     """
-    recorded = any(t.sweep_id == sweep.sweep_id and t.status == "FINISHED" and preferred in t.metrics for t in trials)
+    recorded = any(t.sweep_id == sweep.sweep_id and t.status == STATUS_FINISHED and preferred in t.metrics for t in trials)
     if recorded or not sweep.objectives:
         return preferred
     return sweep.objectives[0]["metric"]

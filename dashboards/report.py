@@ -32,6 +32,7 @@ from dashboards.records import (CLEAN_TR1, ExperimentRecords, Trial, curve_metri
 from platform.cli import run_cli
 from platform.compare import CAPTION_RANK, check_tracking_store, comparison_rows, is_caption_metric
 from trainables.errors import UserError
+from trainables.tasks import Task
 
 TEXT_COLUMNS = ["model", "defense", "eps", "trials"]
 TAIL_COLUMNS = ["run_id", "checkpoint"]
@@ -133,7 +134,7 @@ def _objective_label(objective: str | None) -> str:
 
 def _tradeoff_section(finished: list[Trial], robust: str | None, add: AddFigure) -> str:
     """The clean-vs-robust figure of the retrieval trials: a captioner's sweep scores clean captions only."""
-    captioners = len([t for t in finished if any(is_caption_metric(m) for m in t.metrics)])
+    captioners = len([t for t in finished if t.task is Task.CAPTIONING])
     clean_only = "score clean captions only (robust captioning is measured afterwards, with python -m platform.evaluate_captions)"
     if not (robust and any(CLEAN_TR1 in t.metrics and robust in t.metrics for t in finished)):
         if captioners:

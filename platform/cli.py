@@ -1,13 +1,21 @@
-"""What every entry point does with a user's mistake: one clear message, no traceback, exit code 2."""
+"""What every entry point shares: one clear message for a mistake (exit code 2), argument types, write probes.
+
+The argument types raise ``argparse.ArgumentTypeError``, so argparse prints
+``error: argument --eps: ...`` with the usage line and exits 2 before any work.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from trainables.attacks import ATTACKS
+from trainables.device import check_device_name
 from trainables.errors import UserError
+from trainables.names import RESULTS_FILE
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -47,3 +55,59 @@ def check_writable(folder: Path, option: str) -> None:
         probe.unlink()
     except OSError as error:
         raise UserError(f"cannot write to {folder} ({error.strerror or error}): choose a writable {option}") from None
+
+
+def output_file(text: str, option: str = "--output") -> Path:
+    """An output file's absolute path, its folder created and probed for writing now (not after minutes of work)."""
+    output = Path(text).expanduser().resolve()
+    if output.is_dir():
+        raise UserError(f"{option} {output} is a folder: give a file name, e.g. {output / RESULTS_FILE}")
+    check_writable(output.parent, f"folder for {option}")
+    return output
+
+
+# ---- argparse types ---------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--max-images``, ``--batch-size``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def eps_list(text: str) -> tuple[float, ...]:
+    """Comma-separated budgets in [0, 1] pixel units: ``2/255,4/255`` -> (0.00784..., 0.01568...)."""
+    # Imported here: trainables.config imports the model code, which CLIs without eps (platform.data) need not load.
+    from trainables.config import parse_eps
+
+    try:
+        values = tuple(parse_eps(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not values:
+        raise argparse.ArgumentTypeError("no eps given: write e.g. --eps 2/255,4/255")
+    return values
+
+
+def attack_names(text: str) -> tuple[str, ...]:
+    """Comma-separated attack names, each a key of ``trainables.attacks.ATTACKS``."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no attack named: use one or more of {', '.join(ATTACKS)}, comma-separated")
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(map(repr, unknown))}: use one or more of {', '.join(ATTACKS)}")
+    return names
+
+
+def device_name(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is checked by ``resolve_device``)."""
+    try:
+        return check_device_name(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -21,15 +21,15 @@ from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from platform.cli import run_cli
-from platform.tracking import ROLE_TAG
 from trainables.errors import UserError
-from trainables.names import CAPTION_KEYS, CLEAN
+from trainables.names import CLEAN, DEFENSE_TAG, EPS_TAG, MODEL_TAG, ROLE_TAG, ROLE_TRIAL, STATUS_FINISHED, TASK_TAG, metric_name
+from trainables.tasks import Task, task_info, task_of_metrics
 
-GROUP_TAGS = ("mava.model", "mava.defense", "mava.eps")
-RECALL_TABLE_KEYS = ("tr1", "ir1")
-# The paper's captioning columns (Table 8): BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE; BLEU-1..3 stay in MLflow.
-CAPTION_TABLE_KEYS = tuple(k for k in CAPTION_KEYS if k not in ("bleu1", "bleu2", "bleu3"))
-CAPTION_RANK = f"{CLEAN}/cider"  # what a captioner sweep optimises (search_spaces/paper-blip-captioning.yaml)
+GROUP_TAGS = (MODEL_TAG, DEFENSE_TAG, EPS_TAG)
+RECALL_TABLE_KEYS = task_info(Task.RETRIEVAL).table_keys
+CAPTION_TABLE_KEYS = task_info(Task.CAPTIONING).table_keys
+# What a captioner sweep optimises (search_spaces/paper-blip-captioning.yaml): the captioning task's rank key.
+CAPTION_RANK = metric_name(CLEAN, None, task_info(Task.CAPTIONING).rank_key)
 
 
 def _attack_metric(keys: tuple[str, ...]) -> re.Pattern:
@@ -61,20 +61,27 @@ def caption_columns(metric_names: set[str]) -> list[str]:
 
 
 def is_caption_metric(name: str) -> bool:
-    """``clean/cider``, ``pgd/eps2/bleu4``, ...: a metric only a captioner's evaluation records."""
-    return name.rsplit("/", 1)[-1] in CAPTION_KEYS
+    """``clean/cider``, ``pgd/eps2/bleu4``, ...: a metric only the captioning task's evaluation records."""
+    return task_info(Task.CAPTIONING).owns_metric(name)
 
 
-def rank_metric(metric_names: set[str], rank_by: str | None, recall_default: str) -> str:
-    """The metric that picks a group's trial, given the metrics its trials recorded.
+def group_task(tags: list[dict[str, str]], metric_names: set[str]) -> Task:
+    """The task of a group of trial runs: their ``mava.task`` tag, or (runs recorded before it) the task of their metrics."""
+    recorded = {t[TASK_TAG] for t in tags if TASK_TAG in t}
+    return Task(recorded.pop()) if len(recorded) == 1 else task_of_metrics(metric_names)
 
-    ``rank_by`` where the group records it; otherwise ``clean/cider`` for a captioner group
-    and ``recall_default`` for a retrieval one. In an experiment mixing both, a recall
+
+def rank_metric(metric_names: set[str], rank_by: str | None, recall_default: str, task: Task | None = None) -> str:
+    """The metric that picks a group's trial, given the metrics its trials recorded and their task.
+
+    ``rank_by`` where the group records it; otherwise the task's rank key (``clean/cider`` for
+    captioning) and ``recall_default`` for retrieval. In an experiment mixing both, a recall
     ``--rank-by`` means nothing to the captioner rows, nor ``clean/cider`` to the retrieval rows.
     """
     if rank_by in metric_names:
         return rank_by
-    return CAPTION_RANK if any(is_caption_metric(name) for name in metric_names) else recall_default
+    rank_key = task_info(task or task_of_metrics(metric_names)).rank_key
+    return recall_default if rank_key is None else metric_name(CLEAN, None, rank_key)
 
 
 def check_tracking_store(uri: str) -> None:
@@ -98,7 +105,7 @@ def find_experiment(client: MlflowClient, experiment_name: str) -> Experiment:
 def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
     """One row per model × defense × eps: the group's best finished trial by :func:`rank_metric`; returns (columns, rows)."""
     experiment = find_experiment(client, experiment_name)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}' and attributes.status = '{STATUS_FINISHED}'")
     if not runs:
         raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
     metric_names = {name for run in runs for name in run.data.metrics}
@@ -111,7 +118,8 @@ def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | N
         groups.setdefault(tuple(run.data.tags.get(t, "?") for t in GROUP_TAGS), []).append(run)
     rows = []
     for (model, defense, eps), members in sorted(groups.items()):
-        metric = rank_metric({name for run in members for name in run.data.metrics}, rank_by, recall_default)
+        names = {name for run in members for name in run.data.metrics}
+        metric = rank_metric(names, rank_by, recall_default, group_task([run.data.tags for run in members], names))
         best = max(members, key=lambda r: r.data.metrics.get(metric, float("-inf")))
         row = {"model": model, "defense": defense, "eps": eps, "trials": len(members)}
         row.update({c: best.data.metrics.get(c) for c in columns})

@@ -22,49 +22,18 @@ from pathlib import Path
 
 import torch
 
-from platform.cli import check_writable, run_cli
+from platform.cli import attack_names, device_name, eps_list, output_file, positive_int, run_cli
 from trainables.attacks import ATTACKS
-from trainables.checkpoint import VISION_FILE
-from trainables.config import parse_eps
 from trainables.data import load_dataset, parse_data_spec
+from trainables.device import resolve_device
 from trainables.errors import UserError
 from trainables.evaluation.robustness import (EvalSettings, RetrievalRow, attach_row_warnings, evaluate_retrieval_rows,
                                               honesty_checks)
 from trainables.models import ModelSpec, load_model, parse_model_spec
 from trainables.models.weights import load_strict, read_state_dict
-from trainables.names import RECALL_KEYS
+from trainables.names import CLEAN, RECALL_KEYS, VISION_FILE
 
 COLUMNS = {"tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10"}
-
-
-def _attack_names(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"no attack named: use one or more of {', '.join(ATTACKS)}, comma-separated")
-    unknown = [name for name in names if name not in ATTACKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(map(repr, unknown))}: use one or more of {', '.join(ATTACKS)}")
-    return names
-
-
-def _eps_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(parse_eps(part.strip()) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if not values:
-        raise argparse.ArgumentTypeError("no eps given: write e.g. --eps 2/255,4/255")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model spec of the evaluated model, e.g. tiny-clip or open_clip:ViT-B-16@/abs/w.pt")
     parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
     parser.add_argument("--data", required=True, help="data spec, e.g. synthetic:test,n=100 or karpathy:/data/dataset_flickr30k.json,images=/data/flickr30k,split=test")
-    parser.add_argument("--attacks", type=_attack_names, default=("pgd",), help=f"comma-separated, from: {', '.join(ATTACKS)} (default: pgd)")
-    parser.add_argument("--eps", type=_eps_list, default=(2 / 255, 4 / 255), help="comma-separated L-inf budgets in [0, 1] pixel units, e.g. 2/255,4/255 (default)")
+    parser.add_argument("--attacks", type=attack_names, default=("pgd",), help=f"comma-separated, from: {', '.join(ATTACKS)} (default: pgd)")
+    parser.add_argument("--eps", type=eps_list, default=(2 / 255, 4 / 255), help="comma-separated L-inf budgets in [0, 1] pixel units, e.g. 2/255,4/255 (default)")
     parser.add_argument("--surrogate", help="model spec to craft the attacks on (transfer); default: the evaluated model itself (white-box)")
     parser.add_argument("--surrogate-checkpoint", help="vision weights for the surrogate (same forms as --checkpoint)")
-    parser.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per attack batch (default 64)")
+    parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per attack batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack's randomness (default 0)")
     parser.add_argument("--mlm", help="local masked-LM directory for the text attacks' candidates (default: offline character edits + token-embedding neighbours)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,25 +83,6 @@ def load_evaluated_model(spec: ModelSpec, weights: Path | None, device: torch.de
     return model.to(device).eval()
 
 
-def output_path(text: str) -> Path:
-    """The ``--output`` file, its folder created and writable now (not after minutes of attacks)."""
-    output = Path(text).expanduser().resolve()
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name, e.g. {output / 'results.json'}")
-    check_writable(output.parent, "folder for --output")
-    return output
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {name!r}: use cpu, cuda (or cuda:N) or auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but no CUDA device is available: use --device cpu")
-    return torch.device(name)
-
-
 def format_table(rows: list[RetrievalRow]) -> str:
     """Rows: clean and each attack × eps; columns TR@1/5/10, IR@1/5/10, threat, text source."""
     header = ["attack", "eps"] + list(COLUMNS.values()) + ["threat", "text"]
@@ -155,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_spec = parse_model_spec(args.surrogate) if args.surrogate else None
     weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
-    parse_data_spec(args.data)
-    output = output_path(args.output) if args.output else None
+    data_spec = parse_data_spec(args.data)
+    output = output_file(args.output) if args.output else None
     if args.mlm and not Path(args.mlm).expanduser().is_dir():
         raise UserError(f"--mlm {args.mlm} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
-    dataset = load_dataset(args.data, model.image_size)
+    dataset = load_dataset(data_spec, model.image_size)
     if surrogate is not None and surrogate.image_size != model.image_size:
         raise UserError(f"the surrogate takes {surrogate.image_size} px images but the evaluated model {model.image_size} px: "
                         "use a surrogate with the same input size")
@@ -179,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{args.surrogate_checkpoint}")
                 for row in rows]
     rows = attach_row_warnings(rows)
-    rows = [row if row.attack == "clean" else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
+    rows = [row if row.attack == CLEAN else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
 
     print(format_table(rows))
     for warning in dict.fromkeys(w for row in rows for w in row.warnings):

@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from platform.cli import run_cli
-from platform.evaluate import _eps_list, _positive_int, load_evaluated_model, resolve_device, vision_weights_path
+from platform.cli import device_name, eps_list, output_file, positive_int, run_cli
+from platform.evaluate import load_evaluated_model, vision_weights_path
 from trainables.attacks import ATTACKS
 from trainables.data import load_dataset, parse_data_spec
+from trainables.device import resolve_device
 from trainables.errors import UserError
-from trainables.evaluation.captioning import CAPTION_KEYS, CaptionEvalSettings, evaluate_captioning
-from trainables.models import parse_model_spec
-from trainables.names import CLEAN, eps_fraction, eps_label
+from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
+from trainables.models import MODEL_KINDS, model_kind, parse_model_spec
+from trainables.names import CAPTION_KEYS, CLEAN, eps_fraction, eps_label
+from trainables.tasks import Task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
     parser.add_argument("--data", required=True, help="data spec; every caption of an image is a reference")
     parser.add_argument("--attack", choices=sorted(ATTACKS), help="attack crafted on --surrogate (omit for clean captions only)")
-    parser.add_argument("--eps", type=_eps_list, default=(2 / 255,), help="comma-separated budgets, e.g. 2/255 (Table 8's; default)")
+    parser.add_argument("--eps", type=eps_list, default=(2 / 255,), help="comma-separated budgets, e.g. 2/255 (Table 8's; default)")
     parser.add_argument("--surrogate", help="retrieval model spec the attack runs on (required with --attack)")
     parser.add_argument("--surrogate-checkpoint", help="vision weights for the surrogate")
-    parser.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--num-beams", type=_positive_int, default=3, help="beam search width (BLIP's COCO evaluation: 3)")
-    parser.add_argument("--max-length", type=_positive_int, default=20, help="caption length limit in tokens (default 20)")
-    parser.add_argument("--min-length", type=_positive_int, default=5, help="minimum caption length in tokens (default 5)")
+    parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--num-beams", type=positive_int, default=3, help="beam search width (BLIP's COCO evaluation: 3)")
+    parser.add_argument("--max-length", type=positive_int, default=20, help="caption length limit in tokens (default 20)")
+    parser.add_argument("--min-length", type=positive_int, default=5, help="minimum caption length in tokens (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attack's randomness (default 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the metrics, notes and threat model as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -75,17 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.surrogate_checkpoint and not args.surrogate:
         raise UserError("--surrogate-checkpoint needs --surrogate: name the surrogate's model spec too")
     model_spec = parse_model_spec(args.model)
-    if model_spec.kind != "hf-blip-cap":
-        raise UserError(f"{args.model} is not a captioning model: use an hf-blip-cap:/dir spec "
+    if Task.CAPTIONING not in model_kind(model_spec).tasks:
+        captioners = [kind for kind, info in MODEL_KINDS.items() if Task.CAPTIONING in info.tasks]
+        raise UserError(f"{args.model} is not a captioning model: use a spec of kind {' or '.join(captioners)} "
                         "(retrieval models are evaluated with python -m platform.evaluate)")
     surrogate_spec = parse_model_spec(args.surrogate) if args.surrogate else None
     weights = vision_weights_path(args.checkpoint) if args.checkpoint else None
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
-    parse_data_spec(args.data)
+    data_spec = parse_data_spec(args.data)
+    output = output_file(args.output) if args.output else None
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
-    dataset = load_dataset(args.data, model.image_size)
+    dataset = load_dataset(data_spec, model.image_size)
     settings = CaptionEvalSettings(eps=args.eps, batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
                                    max_length=args.max_length, min_length=args.min_length, num_beams=args.num_beams)
     result = evaluate_captioning(model, dataset, attack=args.attack, surrogate=surrogate, settings=settings,
@@ -96,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result.metrics, runs))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.output:
-        output = Path(args.output).expanduser().resolve()
-        output.parent.mkdir(parents=True, exist_ok=True)
+    if output is not None:
         output.write_text(json.dumps({"model": args.model, "checkpoint": args.checkpoint, "data": args.data,
                                       "threat": result.threat_model, "metrics": result.metrics, "notes": list(result.notes)},
                                      indent=2))

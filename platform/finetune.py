@@ -22,7 +22,8 @@ from trainables.config import train_config_from
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
 from trainables.models import load_model, parse_model_spec
-from trainables.names import CAPTION_KEYS, CLEAN, RECALL_KEYS, eps_fraction, metric_name
+from trainables.names import CLEAN, EPOCH, RESULTS_FILE, TRAIN_PREFIX, eps_fraction, metric_name
+from trainables.tasks import Task, task_info
 from trainables.train import evaluate_model, run_training
 
 
@@ -38,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | None]], keys: tuple[str, ...] = ("tr1", "ir1")) -> str:
-    """Rows: model state; columns: each key (TR@1/IR@1, or a captioner's BLEU-4/CIDEr) clean and per attack × eps."""
+def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | None]],
+          keys: tuple[str, ...] = task_info(Task.RETRIEVAL).summary_keys) -> str:
+    """Rows: model state; columns: each of the task's summary keys (TR@1/IR@1, a captioner's BLEU-4/CIDEr) clean and per attack × eps."""
     columns = [(attack, eps, key) for attack, eps in attacks for key in keys]
-    header = ["model"] + [f"{'clean' if eps is None else f'{attack}@{eps_fraction(eps)}'} {key.upper()}" for attack, eps, key in columns]
+    header = ["model"] + [f"{CLEAN if eps is None else f'{attack}@{eps_fraction(eps)}'} {key.upper()}" for attack, eps, key in columns]
     lines = [" | ".join(header)]
     for name, metrics in rows.items():
         lines.append(" | ".join([name] + [f"{metrics[metric_name(attack, eps, key)]:.1f}" for attack, eps, key in columns]))
@@ -51,7 +53,7 @@ def table(rows: dict[str, dict[str, float]], attacks: list[tuple[str, float | No
 def writable_folder(out: Path) -> Path:
     """``--out``, created if needed; a UserError when it cannot hold checkpoints."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the checkpoints and results.json")
+        raise UserError(f"--out {out} is a file: give a folder for the checkpoints and {RESULTS_FILE}")
     check_writable(out, "--out folder")
     return out
 
@@ -65,38 +67,38 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{error}\nfix it on the command line (--defense, --epochs, --set KEY=VALUE); "
                         "trainables/config.py documents every option") from None
     # Every input is checked before the model loads: a typo costs no model load and no evaluation.
-    parse_model_spec(config.model)
-    parse_data_spec(config.train_data)
-    parse_data_spec(config.eval_data)
+    # Parsed once: the loads below use these values (relative paths already absolute).
+    model_spec = parse_model_spec(config.model)
+    train_spec, eval_spec = parse_data_spec(config.train_data), parse_data_spec(config.eval_data)
     unknown = [name for name in config.eval_attacks if name not in ATTACKS]
     if unknown:
         raise UserError(f"--set eval_attacks: unknown attack {', '.join(map(repr, unknown))}: use some of {', '.join(ATTACKS)}")
     out = writable_folder(Path(args.out).expanduser().resolve())
-    model = load_model(config.model)
-    train_set = load_dataset(config.train_data, model.image_size)
+    model = load_model(model_spec)
+    train_set = load_dataset(train_spec, model.image_size)
     if model.has_text_encoder:  # a captioner's training reads no captions
         check_min_captions(train_set, config.M)
-    eval_set = load_dataset(config.eval_data, model.image_size)
+    eval_set = load_dataset(eval_spec, model.image_size)
     print(f"evaluating {config.model} as loaded on {config.eval_data} ...")
     before = evaluate_model(model, eval_set, config, progress=True)
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("train/") or k.endswith("/tr1")}
-        print(f"epoch {int(metrics['epoch'])}: {shown} -> {checkpoint}")
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(TRAIN_PREFIX) or k.endswith("/tr1")}
+        print(f"epoch {int(metrics[EPOCH])}: {shown} -> {checkpoint}")
 
     started = time.perf_counter()
     after = run_training(config, report, out / "checkpoints", progress=True, model=model)
     seconds = time.perf_counter() - started
     attacks = [(CLEAN, None)] + [(attack, eps) for attack in config.eval_attacks for eps in config.eval_eps]
-    keys = ("tr1", "ir1") if model.has_text_encoder else ("bleu4", "cider")
-    print(table({"original": before, f"{config.defense.value} fine-tuned": after}, attacks, keys))
+    task = model.tasks[0]
+    info = task_info(task)
+    print(table({"original": before, f"{config.defense.value} fine-tuned": after}, attacks, info.summary_keys))
     results = {"config": config.model_dump(mode="json"), "before": before, "after": after, "train_seconds": seconds}
-    if model.has_text_encoder:
-        results |= {"threat": "white-box", "recall_keys": list(RECALL_KEYS)}
-    else:
-        results |= {"threat": "clean", "caption_keys": list(CAPTION_KEYS)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'results.json'} ({seconds:.0f} s of fine-tuning)")
+    # The keys results.json has always had: "recall_keys" for retrieval, "caption_keys" for a captioner.
+    key_field = {Task.RETRIEVAL: "recall_keys", Task.CAPTIONING: "caption_keys"}[task]
+    results |= {"threat": "white-box" if info.white_box_eval else CLEAN, key_field: list(info.metric_keys)}
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / RESULTS_FILE} ({seconds:.0f} s of fine-tuning)")
     return 0
 
 

@@ -11,9 +11,11 @@ from ray import tune
 
 from platform.preflight import TRIAL_DRIVER_CPUS, Locations
 from platform.search import num_samples, scheduler, searcher, tune_space
+from platform.specs import PinnedSpecs
 from platform.sweep_spec import SweepSpec
 from platform.tracking import MlflowTrialTracker
 from trainables.errors import UserError
+from trainables.names import BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY
 from trainables.ray_worker import run_trial
 
 # Services this driver starts (Ray's dashboard) listen here unless --dashboard-host says otherwise.
@@ -56,7 +58,8 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
         ray.init(dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
 
 
-def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool,
+                pinned: PinnedSpecs) -> tune.Tuner:
     """The Tuner of a new sweep (searched keys at the top of each trial's config, fixed options under "train"), or the restored one."""
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
     path = os.path.join(locations.storage_path, sweep_id)
@@ -68,6 +71,7 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
         "train": spec.fixed_options(),
         "sweep": {"sweep_id": sweep_id, "storage_path": locations.storage_path, "searched": searched,
                   "objectives": spec.objective_metrics(),
+                  PINNED_SPECS_KEY: pinned.worker_options(), BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256,
                   **spec.resources.model_dump(include={"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"})},
     }
     return tune.Tuner(

@@ -23,7 +23,7 @@ from platform.cli import check_writable
 from platform.sweep_spec import SweepSpec
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec, load_model, parse_model_spec
+from trainables.models import load_model, model_kind, parse_model_spec
 
 # The Tune trial only launches and watches its Train run; its workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
@@ -140,15 +140,15 @@ def check_inputs(spec: SweepSpec) -> None:
     """
     check_specs(spec)
     train_set = load_dataset(spec.experiment.train_data, image_size=32)
-    if not is_captioner_spec(spec.experiment.model):
+    if model_kind(spec.experiment.model).model_class.has_text_encoder:
         check_min_captions(train_set, int(spec.largest("M")))
     if parse_data_spec(spec.experiment.eval_data).kind != "synthetic":  # a real dataset: its files must be there too
         load_dataset(spec.experiment.eval_data, image_size=32)
 
 
-def check_model_loads(spec: SweepSpec) -> None:
+def check_model_loads(model_spec: str) -> None:
     """Load the model once in the driver: a corrupt, tampered or mismatched weights file fails here, not in every trial."""
-    load_model(spec.experiment.model)
+    load_model(model_spec)
 
 
 def preflight(spec: SweepSpec, tracking_uri: str | None, storage_path: str | None) -> Locations:

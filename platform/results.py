@@ -10,6 +10,7 @@ from platform.mlflow_ui import log_report
 from platform.search import final_key
 from platform.sweep_spec import SweepSpec
 from platform.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, find_run, register_best
+from trainables.names import BEST_RUN_TAG, EPOCH, FAILED_TRIALS_TAG, ROLE_TRIAL, STATUS_FAILED, STATUS_FINISHED, SWEEP_WALL_SECONDS
 from trainables.ray_worker import training_options
 
 
@@ -35,7 +36,7 @@ def trial_rows(results: tune.ResultGrid, spec: SweepSpec) -> list[dict]:
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
         row.update({k: config.get(k) for k in sorted(spec.space)})
-        row["epochs"] = metrics.get("epoch")
+        row["epochs"] = metrics.get(EPOCH)
         for metric in spec.objective_metrics():
             row[metric] = metrics.get(final_key(metric))
         rows.append(row)
@@ -61,8 +62,8 @@ def _cell(value) -> str:
 
 def ended_trials(client: MlflowClient, experiment_id: str, sweep_id: str) -> int:
     """Trials of this sweep whose MLflow child run has ended (finished or failed)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = 'trial'")
-    return sum(1 for run in runs if run.info.status in ("FINISHED", "FAILED"))
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'")
+    return sum(1 for run in runs if run.info.status in (STATUS_FINISHED, STATUS_FAILED))
 
 
 def best_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, spec: SweepSpec, front: list[dict]) -> str | None:
@@ -84,10 +85,10 @@ def finish_sweep(client: MlflowClient, spec: SweepSpec, summary: dict, wall_seco
     if best is not None and spec.tracking.register_best:
         model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
         summary["registered"] = {"name": model_name, "version": register_best(client, best, model_name), "run_id": best}
-        client.set_tag(parent_run_id, "mava.best_run_id", best)
+        client.set_tag(parent_run_id, BEST_RUN_TAG, best)
     log_report(client, summary["tracking_uri"], experiment_id, parent_run_id)  # opens inside MLflow: report/report.html
-    client.log_metric(parent_run_id, "sweep/wall_seconds", wall_seconds)
+    client.log_metric(parent_run_id, SWEEP_WALL_SECONDS, wall_seconds)
     rows = summary["rows"]
     failed = sum(1 for r in rows if r["status"] != "OK")
-    client.set_tag(parent_run_id, "mava.failed_trials", str(failed))
+    client.set_tag(parent_run_id, FAILED_TRIALS_TAG, str(failed))
     client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED if failed < len(rows) else RunStatus.FAILED))

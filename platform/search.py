@@ -21,11 +21,11 @@ from ray.tune.search.optuna import OptunaSearch
 from platform.samplers import PicklableNSGAIISampler
 from platform.sweep_spec import Algorithm, Choice, Fixed, IntRange, LogUniform, SweepSpec, Uniform
 
-from trainables.ray_worker import FINAL_PREFIX
+from trainables.names import EPOCH, final_metric
 
 
 def final_key(metric: str) -> str:
-    return FINAL_PREFIX + metric
+    return final_metric(metric)
 
 
 def tune_space(spec: SweepSpec) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def scheduler(spec: SweepSpec):
     if spec.search.scheduler is None:
         return None
     objective = spec.search.objectives[0]
-    return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode.value,
+    return ASHAScheduler(time_attr=EPOCH, metric=objective.metric, mode=objective.mode.value,
                          max_t=spec.largest("epochs"), grace_period=spec.search.scheduler.grace_period,
                          reduction_factor=spec.search.scheduler.reduction_factor)
 

@@ -28,7 +28,9 @@ from platform.results import ended_trials, finish_sweep, format_table, pareto_fr
 from platform.search import planned_trials
 from platform.sweep_spec import SweepSpec, load_sweep_spec
 from platform.tracking import MlflowTrialTracker, get_or_create_experiment, get_or_create_parent_run
-from trainables.models.tiny_clip import cached_weights_path, ensure_pretrained
+from platform.specs import pin_specs
+from trainables.models.tiny_clip import cached_weights_path
+from trainables.names import BASE_WEIGHTS_SHA256, DEFENSE_TAG, MODEL_TAG
 
 __all__ = ["LOCAL_HOST", "build_parser", "check_sweep", "main", "pareto_front", "run_sweep"]
 
@@ -53,18 +55,19 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     """
     locations = preflight(spec, tracking_uri, storage_path)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
-    if spec.experiment.model == "tiny-clip":
-        ensure_pretrained()  # once, in the driver, before trials start (they would race to pretrain)
-    check_model_loads(spec)
+    # Once, in the driver: specs parsed to canonical form; an embedded model pretrained here if needed and pinned to
+    # a content-addressed file under the storage folder, which every worker on every node loads (none pretrains).
+    pinned = pin_specs(spec.fixed_options(), locations.storage_path)
+    check_model_loads(pinned.model.spec)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
-    parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, parent_params(spec, source),
-                                             tags={"mava.model": spec.experiment.model, "mava.defense": spec.experiment.defense.value})
-    family = "clip" if "clip" in spec.experiment.model else spec.experiment.model.split(":")[0]
-    tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id, family)
+    params = {**parent_params(spec, source), BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256}
+    parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, params,
+                                             tags={MODEL_TAG: spec.experiment.model, DEFENSE_TAG: spec.experiment.defense.value})
+    tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id)
     init_ray(dashboard_host)
     started = time.perf_counter()
-    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
+    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
     wall_seconds = time.perf_counter() - started
     rows = trial_rows(results, spec)
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,
@@ -87,7 +90,7 @@ def check_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: 
         # Pretraining is compute (minutes), not a check: say that the run will do it.
         model_note = f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
     else:
-        check_model_loads(spec)
+        check_model_loads(spec.experiment.model)
         model_note = f"{spec.experiment.model} (loaded once: its weights are readable and match the architecture)"
     return describe_plan(spec, source, locations, sweep_id, bool(resume), model_note)
 

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from trainables.config import TrainConfig, parse_eps
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
+from trainables.models import model_kind
+from trainables.tasks import task_info
 
 if TYPE_CHECKING:
     from platform.sweep_spec import SweepSpec
@@ -171,15 +171,10 @@ def check_devices(spec: SweepSpec) -> None:
 
 def check_objectives(spec: SweepSpec) -> None:
     """Every objective is a metric this sweep's evaluation reports."""
-    if is_captioner_spec(spec.experiment.model):
-        # A captioner is evaluated on clean captions (trainables.train.evaluate_model); METEOR and
-        # SPICE are left out because they are missing wherever Java or SPICE's jars are.
-        valid = [metric_name(CLEAN, None, k) for k in ALWAYS_COMPUTED_CAPTION_KEYS]
-        produced_by = "a captioner's evaluation: clean captions, BLEU/ROUGE-L/CIDEr"
-    else:
-        valid = [metric_name(CLEAN, None, k) for k in RECALL_KEYS]
-        valid += [metric_name(a, eps, k) for a in spec.experiment.eval_attacks for eps in spec.experiment.eval_eps for k in RECALL_KEYS]
-        produced_by = "experiment.eval_attacks x eval_eps"
+    # The model kind's task says which metrics its per-epoch evaluation records (trainables.tasks).
+    task = task_info(model_kind(spec.experiment.model).task)
+    valid = task.objectives(tuple(spec.experiment.eval_attacks), tuple(spec.experiment.eval_eps))
+    produced_by = task.produces
     for index, objective in enumerate(spec.search.objectives):
         if objective.metric not in valid:
             raise UserError(

@@ -26,19 +26,16 @@ from ray.tune import Callback
 
 from platform.mlflow_ui import describe_sweep
 from trainables.config import TrainConfig
+from trainables.models import model_kind
+from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_PATH_KEY, DEFENSE_TAG,
+                              ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG,
+                              PARENT_RUN_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING, SWEEP_TAG,
+                              TASK_TAG, TRIAL_TAG, VISION_FILE, eps_fraction)
 from trainables.ray_worker import training_options
-from trainables.checkpoint import STATE_FILE, VISION_FILE
-from trainables.models import is_captioner_spec
-from trainables.names import EPOCH
+from trainables.tasks import task_info
 
-SWEEP_TAG = "mava.sweep_id"
-TRIAL_TAG = "mava.trial_id"
-ROLE_TAG = "mava.role"  # "sweep" or "trial"
-PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
-CHECKPOINT_ARTIFACT_DIR = "checkpoint"
-CARD_FILE = "card.json"
-FAILURE_TAG = "mava.failure"  # why a trial failed (e.g. its loss became NaN), on its FAILED child run
-ENDED_STATUSES = ("FINISHED", "FAILED", "KILLED")
+__all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
+           "MlflowTrialTracker", "find_run", "get_or_create_experiment", "get_or_create_parent_run", "register_best"]
 # Environment variables whose values must never reach params, tags or artifacts.
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 REDACTED = "<redacted>"
@@ -98,11 +95,11 @@ def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> 
 
 
 def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-    run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep"})
+    run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_id, ROLE_TAG: ROLE_SWEEP})
     if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
+        client.update_run(run_id, status=STATUS_RUNNING)
         return run_id
-    run = client.create_run(experiment_id, run_name=redact_text(sweep_id), tags=redact({SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", **tags}))
+    run = client.create_run(experiment_id, run_name=redact_text(sweep_id), tags=redact({SWEEP_TAG: sweep_id, ROLE_TAG: ROLE_SWEEP, **tags}))
     log_params(client, run.info.run_id, params)
     describe_sweep(client, experiment_id, run.info.run_id, sweep_id, redact(params))  # what the MLflow UI shows
     return run.info.run_id
@@ -120,9 +117,10 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str, float], vision_path: Path) -> Path:
-    """The small JSON card published beside the robust encoder weights."""
+    """The small JSON card published beside the robust encoder weights; its threat model is the task's."""
     card = redact({
         "base_model": trial_params["model"],
+        BASE_WEIGHTS_SHA256: trial_params.get(BASE_WEIGHTS_SHA256),
         "defense": trial_params["defense"],
         "eps": trial_params["eps"],
         "eps_255": round(float(trial_params["eps"]) * 255, 3),
@@ -130,8 +128,7 @@ def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str,
         "metrics": metrics,
         "weights_file": VISION_FILE,
         "sha256": sha256_of(vision_path),
-        "threat_model": ("none: clean captions only (a captioner; transfer attacks: python -m platform.evaluate_captions)"
-                         if is_captioner_spec(trial_params["model"]) else "white-box (attacks computed on the fine-tuned model itself)"),
+        "threat_model": task_info(model_kind(trial_params["model"]).task).threat_model,
     })
     path = directory / CARD_FILE
     path.write_text(json.dumps(card, indent=2, default=str))
@@ -152,19 +149,34 @@ def failure_reason(trial) -> str:
 
 
 def trial_params(trial) -> dict[str, Any]:
-    """Every training option of a trial, defaults included (what its child run records as params)."""
-    return TrainConfig(**training_options(trial.config)).model_dump(mode="json")
+    """Every training option of a trial, defaults included, and the sha256 of the base weights its workers loaded.
+
+    What its child run records as params. ``model`` is the spec as the user wrote it; the
+    sha256 says which bytes it was (``trainables.models.embedded`` pinned them at the edge).
+    """
+    params = TrainConfig(**training_options(trial.config)).model_dump(mode="json")
+    sha256 = trial.config["sweep"].get(BASE_WEIGHTS_SHA256)
+    return {**params, BASE_WEIGHTS_SHA256: sha256} if sha256 else params
+
+
+def trial_tags(params: dict[str, Any]) -> dict[str, str]:
+    """The tags that group a trial: model spec, the model kind's family and task, defense, eps, base weights."""
+    kind = model_kind(params["model"])
+    tags = {MODEL_TAG: params["model"], MODEL_FAMILY_TAG: kind.family, TASK_TAG: kind.task.value,
+            DEFENSE_TAG: params["defense"], EPS_TAG: eps_fraction(float(params["eps"]))}
+    if params.get(BASE_WEIGHTS_SHA256):
+        tags[BASE_WEIGHTS_SHA256] = params[BASE_WEIGHTS_SHA256]
+    return tags
 
 
 class MlflowTrialTracker(Callback):
     """Ray Tune callback: child run per trial, per-epoch metrics, robust checkpoint + card at the end."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, family: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep_id = sweep_id
-        self.family = family
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._last_epoch: dict[str, int] = {}
@@ -197,10 +209,7 @@ class MlflowTrialTracker(Callback):
         if run_id is None:
             train = trial_params(trial)
             run = self.client.create_run(self.experiment_id, run_name=redact_text(f"{self.sweep_id}/{trial.trial_id}"), tags=redact({
-                **tags, ROLE_TAG: "trial", PARENT_TAG: self.parent_run_id, "mava.model": train["model"],
-                "mava.model_family": self.family, "mava.defense": train["defense"],
-                "mava.eps": f"{round(float(train['eps']) * 255, 3):g}/255",
-            }))
+                **tags, ROLE_TAG: ROLE_TRIAL, PARENT_RUN_TAG: self.parent_run_id, **trial_tags(train)}))
             run_id = run.info.run_id
             log_params(self.client, run_id, train)
             self._last_epoch[trial.trial_id] = 0
@@ -212,7 +221,7 @@ class MlflowTrialTracker(Callback):
                 # Its end (checkpoint, card, status) is recorded: a re-run after a crash changes nothing.
                 self._ended.add(trial.trial_id)
             else:
-                self.client.update_run(run_id, status="RUNNING")
+                self.client.update_run(run_id, status=STATUS_RUNNING)
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -221,14 +230,14 @@ class MlflowTrialTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
-        if "checkpoint_path" in result:
-            self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
+        if CHECKPOINT_PATH_KEY in result:
+            self._last_checkpoint[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
         metrics = numeric_metrics(result)
         epoch = int(result.get(EPOCH, 0))
         if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0) or trial.trial_id in self._ended:
             return  # an epoch that is already recorded (a restarted worker replays its checkpoint's epoch)
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith("final/")] + [Metric(EPOCH, epoch, now, epoch)]
+        batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith(FINAL_PREFIX)] + [Metric(EPOCH, epoch, now, epoch)]
         self.client.log_batch(run_id, metrics=batch)
         self._last_epoch[trial.trial_id] = epoch
         self._last_metrics[trial.trial_id] = metrics

@@ -103,8 +103,7 @@ def log_sweep(tracking_uri: str, experiment: str, artifact_location: str, sweep:
         "algorithm": "tpe", "num_trials": len(sweep.trials),
         "objectives": json.dumps([{"metric": sweep.objective, "mode": "max"}]), "space": json.dumps(sweep.space),
     }, tags={"mava.model": base["model"], "mava.defense": base["defense"]})
-    family = "clip" if "clip" in base["model"] else base["model"].split(":")[0]  # as run_sweep names it
-    tracker = MlflowTrialTracker(tracking_uri, experiment_id, parent, sweep.sweep_id, family)
+    tracker = MlflowTrialTracker(tracking_uri, experiment_id, parent, sweep.sweep_id)
     losses = CAPTIONER_LOSSES if base["a"] == 0 else RETRIEVAL_LOSSES
     for fake in sweep.trials:
         trial = SimpleNamespace(trial_id=fake.trial_id, config={"train": base, "sweep": {"searched": list(fake.sampled)}, **fake.sampled})

@@ -19,10 +19,10 @@ from torch import nn
 
 from trainables.errors import UserError
 from trainables.models.weights import load_strict
+from trainables.names import EPOCH, OPTIMIZER_FILE, STATE_FILE, VISION_FILE
 
-VISION_FILE = "vision.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
+__all__ = ["OPTIMIZER_FILE", "STATE_FILE", "VISION_FILE", "load_training_checkpoint", "read_checkpoint_state",
+           "save_training_checkpoint"]
 
 
 def save_training_checkpoint(directory: Path, vision: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -42,7 +42,7 @@ def save_training_checkpoint(directory: Path, vision: nn.Module, optimizer: torc
         for index, slots in optimizer_state["state"].items()
     }
     save_file(tensors, str(directory / OPTIMIZER_FILE))
-    state = {"epoch": epoch, "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
+    state = {EPOCH: epoch, "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
              "config": config, "metrics": metrics}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     return directory
@@ -69,4 +69,4 @@ def load_training_checkpoint(directory: Path, vision: nn.Module, optimizer: torc
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    return int(state["epoch"])
+    return int(state[EPOCH])

@@ -1,7 +1,14 @@
-"""One spelling for every metric and parameter name used by the loop, the tracker and the dashboards."""
+"""One spelling for every name the loop, the tracker, the comparison and the dashboards share.
+
+Metric keys and prefixes, MLflow tags and run statuses, artifact and checkpoint file
+names live here and nowhere else: ``tests/test_names.py`` reads every module-level
+string constant of this file and fails on the same string written as a literal in
+any other source file (prefixes such as ``final/`` also at the start of a literal).
+"""
 
 from __future__ import annotations
 
+# ---- metric keys (the last part of a metric name) -----------------------------------------
 RECALL_KEYS = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10")
 # COCO caption metrics (x100) of a captioner's evaluation (trainables.evaluation.captioning).
 CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
@@ -10,7 +17,63 @@ CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"
 ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
 EPOCH = "epoch"
-CLEAN = "clean"
+CLEAN = "clean"  # the attack name of unperturbed images in metric names and result rows
+
+# ---- metric prefixes --------------------------------------------------------------------------
+TRAIN_PREFIX = "train/"  # per-epoch averages of the loss terms
+TIME_PREFIX = "time/"  # seconds spent per epoch, in setup, ...
+FINAL_PREFIX = "final/"  # an objective, reported under this prefix by the last epoch only (Optuna never sees partial values)
+SWEEP_PREFIX = "sweep/"  # metrics of a sweep's parent run
+ERROR_PREFIX = "error/"  # a worker's reason for stopping a trial
+NONFINITE_KEY = ERROR_PREFIX + "nonfinite_loss"
+TRAIN_SECONDS = TIME_PREFIX + "train_seconds"
+EPOCH_SECONDS = TIME_PREFIX + "epoch_seconds"
+SETUP_SECONDS = TIME_PREFIX + "setup_seconds"
+SWEEP_WALL_SECONDS = SWEEP_PREFIX + "wall_seconds"
+
+# ---- MLflow tags ------------------------------------------------------------------------------
+TAG_PREFIX = "mava."  # every tag the platform sets
+SWEEP_TAG = TAG_PREFIX + "sweep_id"
+TRIAL_TAG = TAG_PREFIX + "trial_id"
+ROLE_TAG = TAG_PREFIX + "role"  # ROLE_SWEEP on the parent run, ROLE_TRIAL on each child run
+MODEL_TAG = TAG_PREFIX + "model"  # the model spec as the user wrote it
+MODEL_FAMILY_TAG = TAG_PREFIX + "model_family"  # the model kind's family (clip, blip, ...)
+TASK_TAG = TAG_PREFIX + "task"  # the task the trial was trained and evaluated for (trainables.tasks)
+DEFENSE_TAG = TAG_PREFIX + "defense"
+EPS_TAG = TAG_PREFIX + "eps"  # training eps as the paper writes it: "4/255"
+FAILURE_TAG = TAG_PREFIX + "failure"  # why a trial failed (e.g. its loss became NaN), on its FAILED child run
+BEST_RUN_TAG = TAG_PREFIX + "best_run_id"  # on the parent run: the registered trial
+FAILED_TRIALS_TAG = TAG_PREFIX + "failed_trials"
+# The sha256 of the base model's weights every worker of a trial loaded (a param and a tag of each trial).
+BASE_WEIGHTS_SHA256 = "base_weights_sha256"
+# Under a trial's "sweep" settings: the canonical model and data specs every worker loads (platform/specs.py).
+PINNED_SPECS_KEY = "pinned_specs"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
+ROLE_SWEEP = "sweep"
+ROLE_TRIAL = "trial"
+
+# ---- run statuses (MLflow's RunStatus names; trainables does not import MLflow) ----------------
+STATUS_RUNNING = "RUNNING"
+STATUS_FINISHED = "FINISHED"
+STATUS_FAILED = "FAILED"
+STATUS_KILLED = "KILLED"
+ENDED_STATUSES = (STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED)
+
+# ---- artifacts and checkpoint files --------------------------------------------------------------
+VISION_FILE = "vision.safetensors"  # the fine-tuned vision encoder (what users share)
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"  # epoch, optimiser hyperparameters, config and metrics of a checkpoint
+CARD_FILE = "card.json"  # beside a published robust encoder: what it is, its metrics, its sha256
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the MLflow artifact folder holding VISION_FILE and CARD_FILE
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # Ray's result key for a reported checkpoint's location (ray.tune.integration)
+DONE_FILE = "mava-trial-result.json"  # beside a finished Train run's checkpoints: its final result
+NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss
+RESULTS_FILE = "results.json"  # platform.finetune's numbers, beside its checkpoints
+
+# Values that are also plain words other names coincide with (a table's "trial" and "checkpoint" columns,
+# the "sweep" section of a trial's config): code uses the constants where it means these names, but the
+# literal scan (tests/test_names.py) does not flag the words themselves.
+COMMON_WORDS = frozenset({ROLE_SWEEP, ROLE_TRIAL, CHECKPOINT_ARTIFACT_DIR})
 
 
 def eps_label(eps: float) -> str:
@@ -21,7 +84,7 @@ def eps_label(eps: float) -> str:
 
 
 def eps_fraction(eps: float) -> str:
-    """``4/255 -> "4/255"`` for tables and JSON rows."""
+    """``4/255 -> "4/255"`` for tables, tags and JSON rows."""
     return f"{eps_label(eps)[3:]}/255"
 
 
@@ -34,4 +97,9 @@ def metric_name(attack: str, eps: float | None, key: str) -> str:
 
 def train_metric(key: str) -> str:
     """Per-epoch training loss terms: ``"train/l_cms"``."""
-    return f"train/{key}"
+    return TRAIN_PREFIX + key
+
+
+def final_metric(metric: str) -> str:
+    """An objective as the last epoch reports it: ``"final/pgd/eps2/tr1"``."""
+    return FINAL_PREFIX + metric

@@ -39,30 +39,34 @@ import pyarrow.fs
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.errors import NonFiniteLossError
-
-NONFINITE_KEY = "error/nonfinite_loss"
-NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss
-DONE_FILE = "mava-trial-result.json"  # beside a finished Train run's checkpoints: its final result
-FINAL_PREFIX = "final/"
+from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY, CHECKPOINT_PATH_KEY, DONE_FILE, EPOCH, NONFINITE_FILE,
+                              NONFINITE_KEY, final_metric)
 # Bookkeeping keys (no '/', so the MLflow tracker never logs them as metrics).
 RESUMED_FROM_KEY = "resumed_from_epoch"
 REPLAYED_KEY = "replayed"
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: ``config = {"train": TrainConfig fields, "objectives": metric names}``."""
+    """Ray Train entry: ``config = {"train": TrainConfig fields, "objectives": metric names, "base_weights_sha256": hex}``.
+
+    The model spec in ``train`` is the one the sweep's edge pinned (``trainables.models.embedded``): a worker
+    checks that the weights it is about to load hash to the sweep's ``base_weights_sha256`` and never pretrains.
+    """
     # Imported here, not at the top: Tune's trial actor and Ray Train's controller also import this
     # module (to unpickle ``run_trial`` and this function) in fresh processes, and neither trains.
     # Only the Train workers pay for open_clip, transformers and the model code (~3 s per process
     # on 2 idle cores; two processes fewer per trial, see BENCHMARKS.md).
     from trainables.checkpoint import read_checkpoint_state
     from trainables.config import TrainConfig
+    from trainables.models.embedded import verify_base_weights
     from trainables.train import run_training
 
     train_config = TrainConfig(**config["train"])
+    if config.get(BASE_WEIGHTS_SHA256):
+        verify_base_weights(train_config.model, config[BASE_WEIGHTS_SHA256])
     objectives = config["objectives"]
     scratch = Path(tempfile.mkdtemp(prefix="mava-ckpt-"))
     resumed_from = 0
@@ -70,8 +74,8 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, replayed_from: str | None = None) -> None:
         # Objectives are reported under their own keys, NaN until the last epoch: a trial that a
         # scheduler stops early then reaches Optuna as failed, never as complete with partial values.
-        last = metrics["epoch"] == train_config.epochs
-        metrics = {**metrics, **{FINAL_PREFIX + m: (metrics.get(m, math.nan) if last else math.nan) for m in objectives},
+        last = metrics[EPOCH] == train_config.epochs
+        metrics = {**metrics, **{final_metric(m): (metrics.get(m, math.nan) if last else math.nan) for m in objectives},
                    RESUMED_FROM_KEY: resumed_from, REPLAYED_KEY: int(replayed_from is not None)}
         if replayed_from is not None:  # where the replayed epoch's weights are, as TuneReportCallback says for new ones
             metrics[CHECKPOINT_PATH_KEY] = replayed_from
@@ -97,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
                     report_nonfinite(json.loads((Path(resume_dir) / NONFINITE_FILE).read_text())["reason"])
                     return
                 state = read_checkpoint_state(Path(resume_dir))
-                resumed_from = int(state["epoch"])
+                resumed_from = int(state[EPOCH])
                 report(state["metrics"], None, replayed_from=latest.path)
                 run_training(train_config, report, scratch, resume_from=Path(resume_dir))
     except NonFiniteLossError as error:
@@ -119,6 +123,16 @@ def training_options(config: dict) -> dict:
     return {**config["train"], **{key: config[key] for key in config["sweep"]["searched"]}}
 
 
+def worker_options(config: dict) -> dict:
+    """What the Train workers run: :func:`training_options` with the specs the sweep's edge parsed and pinned.
+
+    The trial's recorded options keep the specs as the user wrote them (``tiny-clip``); the workers get
+    ``sweep.pinned_specs``: canonical strings with absolute paths, the model pinned to its weights file
+    (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``).
+    """
+    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {})}
+
+
 def run_trial(config: dict) -> None:
     """Tune function trainable. ``config = {"train": fixed options, "sweep": run settings, <searched keys>}``."""
     sweep = config["sweep"]
@@ -133,7 +147,8 @@ def run_trial(config: dict) -> None:
         return
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": training_options(config), "objectives": sweep["objectives"]},
+        train_loop_config={"train": worker_options(config), "objectives": sweep["objectives"],
+                           BASE_WEIGHTS_SHA256: sweep.get(BASE_WEIGHTS_SHA256)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sweep["workers_per_trial"],
             use_gpu=sweep["gpus_per_worker"] > 0,

@@ -31,24 +31,17 @@ from trainables.checkpoint import load_training_checkpoint, save_training_checkp
 from trainables.config import Defense, OptimizerName, Precision, TrainConfig, captioner_problems
 from trainables.data import check_min_captions, load_dataset
 from trainables.data.items import collate
+from trainables.device import resolve_device
 from trainables.errors import NonFiniteLossError, UserError
-from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
-from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
 from trainables.models import load_model
 from trainables.models.base import VLPModel
-from trainables.names import EPOCH, train_metric
+from trainables.names import EPOCH, EPOCH_SECONDS, SETUP_SECONDS, TRAIN_SECONDS, train_metric
+from trainables.seeds import TRAIN_ATTACK, TRAIN_ORDER, derive_seed
 from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step
+from trainables.tasks import EpochEval, task_info
 
 # Called once per epoch with the epoch's metrics and its checkpoint directory (None on ranks > 0).
 Reporter = Callable[[dict[str, float], Path | None], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def check_speed_options(config: TrainConfig, device: torch.device) -> None:
@@ -76,7 +69,7 @@ def check_speed_options(config: TrainConfig, device: torch.device) -> None:
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
     """Attack noise for one epoch on one rank: a function of (seed, epoch, rank) only, so resume is exact."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, TRAIN_ATTACK, epoch, rank))
 
 
 def check_model_fits(config: TrainConfig, model: VLPModel) -> None:
@@ -111,19 +104,15 @@ def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, 
 
 
 def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progress: bool = False) -> dict[str, float]:
-    """The evaluation after an epoch: retrieval recall (``clean/tr1``, ``pgd/eps4/ir1``, ...) of a model with a text encoder.
+    """The evaluation after an epoch: the evaluator of the model's task (``trainables.tasks``).
 
-    A captioner gets clean caption metrics instead (``clean/bleu4``, ``clean/cider``, ...; x100,
-    BLIP's decoding): retrieval needs a text encoder, and its robust captioning numbers need
-    attacks crafted on a retrieval surrogate (``python -m platform.evaluate_captions``, Table 8).
+    Retrieval: recall (``clean/tr1``, ``pgd/eps4/ir1``, ...) clean and under ``eval_attacks``. Captioning:
+    clean caption metrics (``clean/bleu4``, ``clean/cider``, ...; x100, BLIP's decoding); its robust numbers
+    need attacks crafted on a retrieval surrogate (``python -m platform.evaluate_captions``, Table 8).
     A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN.
     """
-    batch_size = max(config.batch_size, 64)
-    if model.has_text_encoder:
-        settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=batch_size, seed=config.seed)
-        return evaluate_retrieval(model, dataset, settings, progress=progress)
-    settings = CaptionEvalSettings(eps=(), batch_size=batch_size, seed=config.seed)
-    return evaluate_captioning(model, dataset, settings=settings, progress=progress).metrics
+    settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed)
+    return task_info(model.tasks[0]).evaluate(model, dataset, settings, progress)
 
 
 def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
@@ -176,7 +165,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed) if distributed else None
         if sampler is not None:
             sampler.set_epoch(epoch)
-        order = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
+        order = torch.Generator().manual_seed(derive_seed(config.seed, TRAIN_ORDER, epoch))
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, shuffle=sampler is None,
                             generator=None if sampler is not None else order, collate_fn=collate, drop_last=False)
         generator = epoch_generator(config.seed, epoch, rank, device)
@@ -203,12 +192,12 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
                 totals[key] = totals.get(key, 0.0) + value.item() * len(images)
             seen += len(images)
         train_seconds = time.perf_counter() - epoch_started
-        metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed), "time/train_seconds": train_seconds}
+        metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed), TRAIN_SECONDS: train_seconds}
         if rank == 0 and _evaluates(config, epoch):
             metrics.update(evaluate_model(model, eval_set, config, progress=progress))
-        metrics["time/epoch_seconds"] = time.perf_counter() - epoch_started
+        metrics[EPOCH_SECONDS] = time.perf_counter() - epoch_started
         if setup_seconds is not None:
-            metrics["time/setup_seconds"], setup_seconds = setup_seconds, None
+            metrics[SETUP_SECONDS], setup_seconds = setup_seconds, None
         checkpoint = None
         if rank == 0:
             checkpoint = save_training_checkpoint(checkpoint_root / f"epoch-{epoch:04d}", model.vision, optimizer, epoch,

@@ -44,6 +44,7 @@ from trainables.attacks.base import frozen_eval
 from trainables.data.items import collate
 from trainables.errors import UserError
 from trainables.names import CAPTION_KEYS, CLEAN, metric_name
+from trainables.seeds import EVAL_ATTACK, derive_seed
 
 # The jars SPICE's get_stanford_models() would download into pycocoevalcap/spice/lib.
 _SPICE_JARS = (f"{spice_models.JAR}.jar", f"{spice_models.JAR}-models.jar")
@@ -224,7 +225,7 @@ def evaluate_captioning(caption_model, dataset, attack: str | None = None, surro
                 # Seeded per (batch, run), as evaluate_retrieval does, so each cell is reproducible alone.
                 surrogate_images = images.to(surrogate.pixel_mean.device)
                 generator = torch.Generator(device=surrogate_images.device).manual_seed(
-                    settings.seed * 1_000_003 + batch_index * 7919 + runs.index(run))
+                    derive_seed(settings.seed, EVAL_ATTACK, batch_index, runs.index(run)))
                 images = attack_fn(surrogate, surrogate_images, batch.captions, eps, generator).images
             with frozen_eval(caption_model):  # eval mode even mid-training (the loop evaluates after train-mode steps)
                 captions = caption_model.generate_captions(images.to(device), max_length=settings.max_length,
@@ -239,5 +240,5 @@ def evaluate_captioning(caption_model, dataset, attack: str | None = None, surro
         if scores[(attack_name, eps)][key] is not None
     }
     notes = tuple(dict.fromkeys(note for run in runs for note in scores[run]["notes"]))
-    threat_model = "clean" if surrogate is None else f"transfer:{surrogate.spec}"
+    threat_model = CLEAN if surrogate is None else f"transfer:{surrogate.spec}"
     return CaptionEvaluation(metrics=metrics, notes=notes, threat_model=threat_model)

@@ -26,6 +26,7 @@ from trainables.attacks.pgd_retrieval import pgd_retrieval_attack
 from trainables.data.items import collate
 from trainables.evaluation.retrieval import recall_at_k
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
+from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=No
                 adversarial_images, adversarial_captions = images, batch.captions
             else:
                 # Seed per (batch, run) so each cell of the table is reproducible on its own.
-                generator = torch.Generator(device=images.device).manual_seed(settings.seed * 1_000_003 + batch_index * 7919 + runs.index(run))
+                generator = torch.Generator(device=images.device).manual_seed(derive_seed(settings.seed, EVAL_ATTACK, batch_index, runs.index(run)))
                 options = {"candidates": candidates} if candidates is not None and attack_name in TEXT_ATTACKS else {}
                 output = get_attack(attack_name)(attacker, images, batch.captions, eps, generator, **options)
                 adversarial_images = output.images
@@ -253,7 +254,7 @@ def honesty_checks(model, dataset, settings: EvalSettings, surrogate=None, num_i
             return float(retrieval_loss(model.encode_image(adversarial), caption_centroids(model, captions)).mean())
 
     for index, eps in enumerate(settings.eps):
-        generator_seed = settings.seed * 1_000_003 + 104_729 + index
+        generator_seed = derive_seed(settings.seed, HONESTY_CHECK, index)
         short = pgd_retrieval_attack(attacker, images, captions, eps, torch.Generator(device=device).manual_seed(generator_seed), steps=10)
         if surrogate is None:
             long = pgd_retrieval_attack(model, images, captions, eps, torch.Generator(device=device).manual_seed(generator_seed), steps=40)

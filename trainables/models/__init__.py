@@ -32,6 +32,7 @@ from trainables.models.hf_clip import HfClipVLP, load_hf_clip
 from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
 from trainables.models.tiny_clip import TinyClipConfig, build_tiny_clip, load_tiny_clip
 from trainables.models.weights import load_strict, read_state_dict
+from trainables.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -139,21 +140,29 @@ class ModelKind:
     Attributes:
         needs_name: the spec needs a ``:NAME`` part (an architecture or a directory).
         loader: builds the model from a parsed spec.
-        model_class: the VLPModel class the loader returns; its class attributes (``has_text_encoder``)
-            answer questions about a spec before anything is loaded.
+        model_class: the VLPModel class the loader returns.
+        family: the family tag of its runs (``mava.model_family``): ``clip``, ``blip``, ...
+        tasks: the tasks it can be fine-tuned and evaluated for, its main one (a run's task) first.
     """
 
     needs_name: bool
     loader: Callable[[ModelSpec], VLPModel]
     model_class: type[VLPModel]
+    family: str
+    tasks: tuple[Task, ...]
+
+    @property
+    def task(self) -> Task:
+        """The task a run of this kind trains and evaluates for."""
+        return self.tasks[0]
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
-    "tiny-clip": ModelKind(False, _load_tiny_clip, OpenClipVLP),
-    "open_clip": ModelKind(True, _load_open_clip, OpenClipVLP),
-    "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP),
-    "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP),
-    "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP),
+    "tiny-clip": ModelKind(False, _load_tiny_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
+    "open_clip": ModelKind(True, _load_open_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
+    "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP, "clip", (Task.RETRIEVAL,)),
+    "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP, "blip", (Task.RETRIEVAL,)),
+    "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP, "blip", (Task.CAPTIONING,)),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.
@@ -167,14 +176,24 @@ def _split_spec(text: str) -> tuple[str, str, str]:
     return kind, name, weights
 
 
-def is_captioner_spec(text: str) -> bool:
-    """Whether a model spec names a captioning model (no text encoder), read from its kind's class; loads nothing.
+def model_kind(spec: str | ModelSpec) -> ModelKind:
+    """The kind a model spec names (its family, its tasks, its class); loads and reads nothing.
 
-    Config validation uses it before any file is read (paths may live on another
-    machine). An unknown kind is not a captioner here; ``parse_model_spec`` refuses it.
+    Config validation asks it before any file is read (paths may live on another machine).
+    """
+    kind = spec.kind if isinstance(spec, ModelSpec) else _split_spec(spec)[0] if isinstance(spec, str) else None
+    if kind not in MODEL_KINDS:
+        raise UserError(f"unknown model kind {kind!r} in model spec {str(spec)!r}: use one of {', '.join(MODEL_KINDS)}")
+    return MODEL_KINDS[kind]
+
+
+def is_captioner_spec(text: str) -> bool:
+    """Whether a model spec's kind is trained for captioning (its task), read from :data:`MODEL_KINDS`; loads nothing.
+
+    An unknown kind is not a captioner here; ``parse_model_spec`` refuses it.
     """
     kind = MODEL_KINDS.get(_split_spec(text)[0]) if isinstance(text, str) else None
-    return kind is not None and not kind.model_class.has_text_encoder
+    return kind is not None and kind.task is Task.CAPTIONING
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -182,9 +201,7 @@ def parse_model_spec(text: str) -> ModelSpec:
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"model spec {text!r} is empty: use one of {', '.join(MODEL_KINDS)} (e.g. tiny-clip)")
     kind, name, weights = _split_spec(text)
-    if kind not in MODEL_KINDS:
-        raise UserError(f"unknown model kind {kind!r} in model spec {text!r}: use one of {', '.join(MODEL_KINDS)}")
-    needs_name = MODEL_KINDS[kind].needs_name
+    needs_name = model_kind(text).needs_name
     if needs_name and not name:
         if kind in DIRECTORY_KINDS:
             raise UserError(f"model spec {text!r} needs a model directory: write {kind}:/abs/path/to/dir")

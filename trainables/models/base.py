@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from trainables.tasks import Task
+
 
 class VisionTower(nn.Module):
     """Maps normalised pixels to image embeddings; the only trainable part of a model."""
@@ -26,6 +28,7 @@ class VLPModel(nn.Module, ABC):
     Attributes:
         spec: the model spec string it was loaded from (recorded with every result).
         family: a short family name used for grouping runs (``clip``, ``blip``...).
+        tasks: the tasks it can be fine-tuned and evaluated for, its main one first (trainables.tasks).
         vision: the trainable vision encoder: normalised pixels -> embedding.
         vision_original: a frozen copy of ``vision`` as loaded (``F_org``).
         image_size: side length in pixels that ``encode_image`` expects.
@@ -33,6 +36,7 @@ class VLPModel(nn.Module, ABC):
 
     spec: str
     family: str
+    tasks: tuple[Task, ...] = (Task.RETRIEVAL,)
     has_text_encoder: bool = True  # False for captioning models: MAVA then uses Eq. 8 (a = 0)
 
     def __init__(self, vision: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -24,6 +24,7 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from trainables.errors import UserError
 from trainables.models.base import VisionTower, VLPModel
 from trainables.models.hf_clip import image_statistics, load_pretrained, load_tokenizer, read_model_config
+from trainables.tasks import Task
 
 # BLIP's retrieval configs truncate captions to 35 tokens (max_length in BLIP's tokenizer calls).
 TEXT_MAX_TOKENS = 35
@@ -127,6 +128,7 @@ class BlipCaptionVLP(VLPModel):
     """``BlipForConditionalGeneration``: a captioner; ``vision`` gives the ViT's CLS token as F(v)."""
 
     family = "blip"
+    tasks = (Task.CAPTIONING,)
     has_text_encoder = False
 
     def __init__(self, blip: BlipForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, mean, std, spec: str):

@@ -9,7 +9,9 @@ MAVA reference code's ``strict=False`` hid exactly such bugs).
 If a JSON card ``card.json`` (written beside every published robust encoder, see
 ``platform/tracking.py``) sits beside a weights file and records a ``sha256`` for
 it, the file must hash to that value before any tensor is read: a truncated or
-tampered file is refused with a message naming both hashes.
+tampered file is refused with a message naming both hashes. A content-addressed file
+(``NAME-sha256-<hex>.safetensors``, how embedded base models reach every worker, see
+``trainables/models/embedded.py``) is checked against the hash in its own name the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -25,10 +28,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainables.errors import UserError
+from trainables.names import CARD_FILE
 
 LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *LEGACY_SUFFIXES)
-CARD_FILE = "card.json"
+# A file whose name carries the sha256 of its bytes: NAME-sha256-<64 hex>.safetensors.
+CONTENT_ADDRESSED = re.compile(r"-sha256-(?P<sha256>[0-9a-f]{64})\.safetensors$")
 _SHOWN_KEYS = 8
 _CHUNK_BYTES = 1 << 20
 
@@ -73,16 +78,39 @@ def verify_card(weights: Path) -> str | None:
     return found
 
 
+def content_addressed_name(stem: str, sha256: str) -> str:
+    """``("tiny-clip", "ab12...") -> "tiny-clip-sha256-ab12....safetensors"``."""
+    return f"{stem}-sha256-{sha256}.safetensors"
+
+
+def verify_content_address(weights: Path) -> str | None:
+    """Check a content-addressed file against the sha256 in its name; returns the hash checked, or None for other names.
+
+    Raises:
+        UserError: the file does not hash to the sha256 its name carries.
+    """
+    match = CONTENT_ADDRESSED.search(Path(weights).name)
+    if match is None:
+        return None
+    found = file_sha256(weights)
+    if found != match["sha256"]:
+        raise UserError(f"{weights} does not hash to the sha256 in its name (file {found}): it was modified or copied "
+                        "incompletely; delete it and start the run again, which writes it anew from its source")
+    return found
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file (safetensors, or a legacy torch file read with weights_only).
 
-    A ``card.json`` beside the file with a ``sha256`` is checked first (:func:`verify_card`).
+    A ``card.json`` beside the file with a ``sha256``, or a sha256 in the file's own name,
+    is checked first (:func:`verify_card`, :func:`verify_content_address`).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist: check the path in the model spec (MODEL@/abs/path/to/weights)")
     if path.suffix in WEIGHT_SUFFIXES:
         verify_card(path)
+        verify_content_address(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
