@@ -19,6 +19,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from trainables.names import REPORT_ERROR_TAG
 
 # MLflow's own tag names and value (the UI's ExperimentKind enum); MLflow exports no constant for the first.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -30,7 +31,7 @@ SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]
 REPORT_ARTIFACT_DIR = "report"
 REPORT_FILE = "report.html"
-REPORT_ERROR_TAG = "mava.report_error"  # why the report could not be logged (the sweep's results are unaffected)
+
 
 logger = logging.getLogger(__name__)
 
