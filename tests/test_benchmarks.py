@@ -104,3 +104,51 @@ def test_robustvlm_fare_step_runs_and_counts_the_flops_of_its_parts(batch, pgd_g
 
     assert _count(whole_step) == expected
 
+
+
+# ---- benchmarks/gpu_check.py: everything but CUDA -------------------------------------------
+
+
+def test_gpu_check_dry_run_writes_the_plan_of_four_steps_within_eight_minutes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and report["steps"] == {}
+    steps = {step["name"]: step["command"] for step in report["plan"]}
+    assert list(steps) == ["tests", "mava_step_fp32", "mava_step_bf16_compile", "sweep_fractional_gpus"]
+    assert sum(step["timeout_s"] for step in report["plan"]) <= 8 * 60 and report["budget_s"] < 8 * 60
+    assert "-m" in steps["tests"] and "gpu" in steps["tests"]
+    assert {"--model", "vit-b-16-random", "--device", "cuda"} <= set(steps["mava_step_fp32"])
+    assert {"--precision", "bf16", "--compile"} <= set(steps["mava_step_bf16_compile"])
+    assert steps["sweep_fractional_gpus"][steps["sweep_fractional_gpus"].index("--gpus-per-worker") + 1] == "0.5"
+    # Every command's flags are ones its script accepts.
+    from benchmarks import mava_step, sweep_overhead
+
+    mava_step.parse_args(steps["mava_step_bf16_compile"][2:])
+    sweep_overhead.parse_args(steps["sweep_fractional_gpus"][2:])
+    refused = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "real")], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=120)
+    if not __import__("torch").cuda.is_available():
+        assert refused.returncode != 0 and "no CUDA device" in refused.stderr
+
+
+def test_gpu_check_summary_reads_the_steps_results(tmp_path):
+    from benchmarks.gpu_check import junit_counts, summarise
+
+    xml = tmp_path / "t.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="9" failures="1" errors="0" skipped="2"/></testsuites>')
+    step = {"images_per_second": 50.0, "mfu": 0.4, "peak_memory_bytes": {"mava": 3 * 2**30}, "speedup_vs_authors": 4.2,
+            "speedup_vs_authors_flops": 4.3, "speedup_vs_authors_fare": 1.2, "efficiency_vs_floor_by_step": {"mava": 1.01}}
+    summary = summarise({"tests": {"result": junit_counts(xml)}, "mava_step_fp32": {"result": step},
+                         "sweep_fractional_gpus": {"result": {"trials": [{}, {}], "wall_seconds": 60.0, "training_seconds": 40.0}}})
+    assert summary["tests"] == {"tests": 9, "failures": 1, "errors": 0, "skipped": 2}
+    assert summary["mava_step_fp32"]["peak_memory_gib"] == 3.0 and summary["mava_step_fp32"]["mfu"] == 0.4
+    assert summary["mava_step_bf16_compile"]["images_per_second"] is None  # a step that wrote nothing stays None
+    assert summary["sweep_fractional_gpus"] == {"trials": 2, "wall_seconds": 60.0, "training_seconds": 40.0}
