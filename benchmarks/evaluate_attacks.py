@@ -24,7 +24,8 @@ the embedded default's table: PGD, APGD, Co-attack, SGA, VLP-attack) with the mo
     attacks do; encoding a text twice is waste, not floor;
 
 - ``efficiency_vs_floor = t_attack / t_floor`` and the image/text passes the attack
-  actually made beside the needed ones.
+  actually made beside the needed ones. (``image_encoder_seconds`` times the forwards
+  inside ``encode_image`` only: an attack's backward runs later, in ``autograd.grad``.)
 
 Everything outside the encoders (candidate generation, projections, the loss, Python
 bookkeeping) is overhead by this definition. BENCHMARKS.md has the numbers.

@@ -94,11 +94,13 @@ def test_gpu_speed_options_give_finite_losses_and_the_fp32_update(cuda_model, op
     terms, update = _update(copy.deepcopy(cuda_model), TrainConfig(**base, **option))
     assert all(torch.isfinite(torch.tensor(value)) for value in terms.values()), terms
     bf16 = option.get("precision") == "bf16"
+    # Tolerances: bf16 keeps 8 significant bits, and a PGD sign step may flip where a gradient entry is ~0
+    # (compiled fp32 kernels may round differently too). The same comparison on CPU autocast (bf16,
+    # 2026-12-03) gave loss terms within 0.1%, update cosine 0.99994 and norm ratio 0.9998.
     for key, value in reference_terms.items():
-        # bf16 keeps 8 significant bits (~0.4%); its PGD sign steps may flip where the gradient is ~0.
-        assert value == pytest.approx(terms[key], rel=0.05 if bf16 else 1e-4, abs=1e-3 if bf16 else 1e-6), key
-    assert F.cosine_similarity(update, reference, dim=0).item() > (0.95 if bf16 else 0.9999)
-    assert update.norm().item() == pytest.approx(reference.norm().item(), rel=0.1 if bf16 else 1e-3)
+        assert value == pytest.approx(terms[key], rel=0.02 if bf16 else 1e-3, abs=1e-4), key
+    assert F.cosine_similarity(update, reference, dim=0).item() > (0.99 if bf16 else 0.999)
+    assert update.norm().item() == pytest.approx(reference.norm().item(), rel=0.05 if bf16 else 1e-2)
 
 
 @pytest.mark.gpu
