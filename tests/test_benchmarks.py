@@ -152,3 +152,23 @@ def test_gpu_check_summary_reads_the_steps_results(tmp_path):
     assert summary["mava_step_fp32"]["peak_memory_gib"] == 3.0 and summary["mava_step_fp32"]["mfu"] == 0.4
     assert summary["mava_step_bf16_compile"]["images_per_second"] is None  # a step that wrote nothing stays None
     assert summary["sweep_fractional_gpus"] == {"trials": 2, "wall_seconds": 60.0, "training_seconds": 40.0}
+
+
+def test_evaluate_attacks_benchmark_reports_cost_against_the_floor(random_tiny_clip_weights, tmp_path):
+    import json
+
+    from benchmarks import evaluate_attacks
+
+    out = tmp_path / "evaluate_attacks.json"
+    evaluate_attacks.main(["--model", f"tiny-clip@{random_tiny_clip_weights}", "--images", "2", "--attacks", "pgd,co-attack",
+                           "--json", str(out)])
+    rows = {row["attack"]: row for row in json.loads(out.read_text())["attacks"]}
+    assert list(rows) == ["pgd", "co-attack"]
+    for row in rows.values():
+        assert row["efficiency_vs_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"])
+        assert row["floor_seconds"] == pytest.approx(row["image_floor_seconds"] + row["text_floor_seconds"])
+        assert row["seconds_per_image"] == pytest.approx(row["seconds"] / 2) and 0 <= row["text_share"] <= 1
+        assert row["image_passes_made"] == row["image_passes_needed"]  # no attack makes an image pass its algorithm does not need
+        assert 0 < row["distinct_texts"] <= row["texts_encoded"]
+    assert rows["pgd"]["image_passes_needed"] == {"grad x2": 10} and rows["pgd"]["distinct_texts"] == 10  # 2 images x 5 captions
+    assert rows["co-attack"]["distinct_texts"] > rows["pgd"]["distinct_texts"]  # blanked and candidate captions
