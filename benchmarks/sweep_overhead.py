@@ -59,7 +59,8 @@ def sweep_data(args: argparse.Namespace) -> dict:
                        "train_data": f"synthetic:train,n={args.train_images}", "eval_data": f"synthetic:test,n={args.eval_images}",
                        "epochs": args.epochs, "batch_size": args.batch, "pgd_steps": args.pgd_steps,
                        "eval_attacks": ["pgd"], "eval_eps": ["4/255"], "seed": 0, "M": args.M, "N": args.N},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1, "max_failures": 0},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
+                      "max_concurrent_trials": args.max_concurrent, "max_failures": 0},
         "search": {"algorithm": "tpe", "num_trials": args.trials, "seed": 0, "objectives": [{"metric": "pgd/eps4/tr1", "mode": "max"}]},
         "space": {"a": {"distribution": "loguniform", "low": 0.0005, "high": 0.05},
                   "b": {"distribution": "uniform", "low": 0.1, "high": 1.0}},
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
         ray_started_here = not ray.is_initialized()
         print(f"sweep: {args.trials} MAVA trials of {args.epochs} epoch(s) on {args.train_images} images (B={args.batch}, "
-              f"K={args.pgd_steps}, N={args.N}, M={args.M}), one at a time; Ray {'started by this run' if ray_started_here else 'already running'}",
+              f"K={args.pgd_steps}, N={args.N}, M={args.M}), {args.max_concurrent} at a time, {args.gpus_per_worker:g} GPU each; Ray {'started by this run' if ray_started_here else 'already running'}",
               flush=True)
         started = time.perf_counter()
         summary = run_sweep(spec, tracking_uri=tracking_uri, storage_path=str(workdir / "ray"))
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "sweep_overhead",
         "settings": {"model": args.model, "trials": args.trials, "train_images": args.train_images, "eval_images": args.eval_images,
                      "epochs": args.epochs, "batch": args.batch, "K": args.pgd_steps, "N": args.N, "M": args.M,
-                     "max_concurrent_trials": 1, "ray_started_by_benchmark": ray_started_here},
+                     "max_concurrent_trials": args.max_concurrent, "cpus_per_worker": args.cpus_per_worker,
+                     "gpus_per_worker": args.gpus_per_worker, "ray_started_by_benchmark": ray_started_here},
         "hardware": hardware(torch.device("cpu")),
         "wall_seconds": wall,
         "tune_fit_seconds": summary["wall_seconds"],
@@ -147,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--N", type=int, default=3)
     parser.add_argument("--M", type=int, default=5)
+    parser.add_argument("--cpus-per-worker", type=float, default=1)
+    parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per trial's worker; fractions share a GPU (e.g. 0.5)")
+    parser.add_argument("--max-concurrent", type=int, default=1, help="trials at once (the overhead ratio assumes 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and Ray storage")
     return parser.parse_args(argv)
 

@@ -185,17 +185,29 @@ def test_mava_step_benchmark_runs_and_writes_its_documented_json(random_tiny_cli
     assert {"settings", "hardware", "seconds", "cpu_seconds", "speedup_vs_naive", "efficiency_vs_floor", "speedup_vs_naive_cpu_time",
             "efficiency_vs_floor_cpu_time", "images_per_second", "flops_per_step",
             "achieved_tflops", "peak_tflops", "mfu", "targets", "scaling"} <= set(result)
-    assert set(result["seconds"]) == {"mava", "naive", "floor", "fare", "tecoa"}
+    assert set(result["seconds"]) == set(mava_benchmark.VARIANTS) == {"mava", "authors", "naive", "floor", "fare", "fare_authors",
+                                                                       "tecoa", "floor_fare"}
     median = {name: row["median"] for name, row in result["seconds"].items()}
-    assert result["speedup_vs_naive"] == pytest.approx(median["naive"] / median["mava"])
-    assert result["efficiency_vs_floor"] == pytest.approx(median["mava"] / median["floor"])
     cpu = {name: row["median"] for name, row in result["cpu_seconds"].items()}
-    assert result["speedup_vs_naive_cpu_time"] == pytest.approx(cpu["naive"] / cpu["mava"])
-    assert result["images_per_second"] == pytest.approx(4 / median["mava"])
     flops = result["flops_per_step"]
-    # The optimised step does exactly the floor's encoder work; the naive one does more (text, F_org, weight gradients in PGD).
-    assert flops["mava"] == pytest.approx(flops["floor"], rel=1e-6) and flops["naive"] > 1.2 * flops["mava"]
+    assert set(flops) == set(mava_benchmark.VARIANTS + mava_benchmark.COUNTED_ONLY)
+    for key, step, baseline in (("speedup_vs_naive", "mava", "naive"), ("speedup_vs_authors", "mava", "authors"),
+                                ("speedup_vs_authors_fare", "fare", "fare_authors")):
+        assert result[key] == pytest.approx(median[baseline] / median[step])
+        assert result[f"{key}_cpu_time"] == pytest.approx(cpu[baseline] / cpu[step])
+        assert result[f"{key}_flops"] == pytest.approx(flops[baseline] / flops[step])
+    assert result["efficiency_vs_floor"] == pytest.approx(median["mava"] / median["floor"])
+    for step, floor in (("mava", "floor"), ("fare", "floor_fare"), ("tecoa", "floor_fare")):
+        assert result["efficiency_vs_floor_by_step"][step] == pytest.approx(median[step] / median[floor])
+        # Every optimised step does its floor's encoder work (TeCoA adds its B x B logits: 1e-5 of it).
+        assert flops[step] == pytest.approx(flops[floor], rel=1e-5)
+    assert result["images_per_second"] == pytest.approx(4 / median["mava"])
+    # The naive and the authors' steps do more (text, F_org; the authors' M copies of every image and two
+    # outer views; backward() in PGD adds the weight gradients).
+    assert flops["naive"] > 1.2 * flops["mava"] and flops["authors"] > 1.3 * flops["mava"] and flops["fare_authors"] > flops["fare"]
+    assert flops["authors_backward"] > flops["authors"] and flops["fare_authors_backward"] > flops["fare_authors"]
     assert result["mfu"] is None and result["hardware"]["cpu"]
+    assert result["peak_memory_bytes"]["mava"] is None  # CPU: no peak-memory counter
     assert [(row["K"], row["N"], row["M"]) for row in result["scaling"]] == [(2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1)]
 
 

@@ -16,13 +16,27 @@ def representable_eps(eps: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.nextafter(value, torch.zeros_like(value)) if float(value) > eps else value
 
 
-def project_linf(candidate: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
-    """The point of ``[original - eps, original + eps] ∩ [0, 1]`` nearest ``candidate`` (entrywise)."""
+CORRECTIONS = 4  # one or two nextafter steps always suffice; bounded for safety
+
+
+def project_linf(candidate: torch.Tensor, original: torch.Tensor, eps: float, early_exit: bool | None = None) -> torch.Tensor:
+    """The point of ``[original - eps, original + eps] ∩ [0, 1]`` nearest ``candidate`` (entrywise).
+
+    Args:
+        early_exit: stop correcting once no entry overshoots. Checking that reads a value back
+            from the device (``bool(over.any())``), which on a GPU stalls the host until every
+            queued kernel has run, once per PGD step. None = only on CPU, where it is free; on
+            other devices all ``CORRECTIONS`` rounds run unconditionally. Both give the same
+            tensor: a round changes only entries that overshoot, so rounds after the last
+            overshoot are no-ops.
+    """
     eps = representable_eps(eps, candidate.dtype).to(candidate.device)
     projected = torch.maximum(torch.minimum(candidate, original + eps), original - eps).clamp(0.0, 1.0)
-    for _ in range(4):  # one or two nextafter steps always suffice; bounded for safety
+    if early_exit is None:
+        early_exit = projected.device.type == "cpu"
+    for _ in range(CORRECTIONS):
         over = (projected - original).abs() > eps
-        if not bool(over.any()):
+        if early_exit and not bool(over.any()):
             return projected
         projected = torch.where(over, torch.nextafter(projected, original), projected)
     return projected

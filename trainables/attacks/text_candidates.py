@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import string
@@ -188,6 +189,13 @@ def char_edits(word: str) -> list[str]:
 
     In a fixed order (swaps, deletions, substitutions, insertions), without duplicates or ``word`` itself.
     """
+    return list(_char_edits(word))
+
+
+@functools.lru_cache(maxsize=65536)
+def _char_edits(word: str) -> tuple[str, ...]:
+    # Cached: a text attack asks for the same words again (SGA's two text stages, every batch and eps
+    # of an evaluation), and building ~330 edits in Python was a tenth of SGA's time (BENCHMARKS.md).
     letters = string.ascii_lowercase
     edits: list[str] = []
     edits += [word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)]
@@ -200,7 +208,7 @@ def char_edits(word: str) -> list[str]:
         if edit and edit not in seen:
             seen.add(edit)
             unique.append(edit)
-    return unique
+    return tuple(unique)
 
 
 class OfflineCandidates:
