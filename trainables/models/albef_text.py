@@ -35,7 +35,11 @@ def load_bert_tokenizer(text_dir: Path) -> BertTokenizer:
     if not vocab.is_file():
         raise UserError(f"{text_dir} has no vocab.txt: save bert-base-uncased's tokenizer there "
                         "(BertTokenizer.from_pretrained('bert-base-uncased').save_pretrained(DIR) on a machine with internet)")
-    return BertTokenizer(vocab_file=str(vocab), do_lower_case=True)
+    try:
+        # from_pretrained maps vocab.txt in transformers 4.x and 5.x alike (their constructors differ).
+        return BertTokenizer.from_pretrained(str(text_dir), local_files_only=True, do_lower_case=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the BERT tokenizer in {text_dir} ({error}): re-save it with save_pretrained()") from None
 
 
 class AlbefTokenizer:
