@@ -203,6 +203,21 @@ def test_image_feature_is_vision_proj_of_the_vit_cls_and_only_the_vit_trains(mod
     assert torch.allclose(trainable.encode_image(pixels), expected, atol=1e-6)
 
 
+def test_f_and_f_org_share_the_registered_projection_also_in_a_copy(model):
+    import copy
+
+    pixels = torch.rand(1, 3, 32, 32)
+    before = model.encode_image(pixels).detach()
+    clone = copy.deepcopy(model).to(torch.float64)  # .to() must reach the projection that F and F_org use
+    assert clone.encode_image(pixels.double()).dtype == torch.float64
+    assert clone.encode_image_original(pixels.double()).dtype == torch.float64
+    with torch.no_grad():
+        clone.vision_proj.bias.add_(1.0)
+    assert torch.allclose(clone.encode_image(pixels.double()).float(), before + 1.0, atol=1e-5)
+    assert torch.allclose(clone.encode_image_original(pixels.double()).float(), before + 1.0, atol=1e-5)
+    assert torch.allclose(model.encode_image(pixels), before)  # the original is untouched
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_export_writes_bare_visual_encoder_keys_that_load_back_as_checkpoint(model, tiny_files, tmp_path, suffix):
     pixels = torch.rand(2, 3, 32, 32)

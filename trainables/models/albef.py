@@ -44,13 +44,14 @@ ENTAILMENT_CLASSES = ("contradiction", "neutral", "entailment")  # ALBEF's VE la
 
 
 class _Shared:
-    """Holds a module that ``copy.deepcopy`` must not copy: the frozen ``vision_proj`` of F and F_org."""
+    """A reference to a module that is not registered as a submodule (so it is no parameter of the holder).
+
+    ``copy.deepcopy`` of a whole model copies it through the shared memo, so the copy's
+    towers point at the copy's own registered ``vision_proj``.
+    """
 
     def __init__(self, module: nn.Module):
         self.module = module
-
-    def __deepcopy__(self, memo: dict) -> _Shared:
-        return self
 
 
 class AlbefVision(AlbefViT, VisionTower):
@@ -113,6 +114,8 @@ class AlbefVLP(VLPModel):
         if "itm" in self.heads:
             if not train_projection:
                 self.vision_proj = net.vision_proj  # registered here, so .to(device) moves it and freeze_text freezes it
+                # F and F_org share this one frozen projection (the deepcopy in VLPModel made F_org its own).
+                self.vision_original.attach_projection(self.vision_proj, trainable=False)
             self.text_proj, self.itm_head, self.temp = net.text_proj, net.itm_head, net.temp
         if "cls" in self.heads:
             self.cls_head = net.cls_head
