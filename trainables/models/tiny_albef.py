@@ -232,13 +232,44 @@ def load_tiny_albef(spec: str, weights: str | None = None, config: TinyAlbefConf
     return load_albef(directory, weights, spec)
 
 
+@torch.no_grad()
+def clean_recall(model: AlbefVLP, num_images: int = 500, k_test: int = 16) -> dict[str, dict[str, float]]:
+    """Clean TR/IR@K on ``synthetic:test,n=num_images``: ITC only, and the ITC top-``k_test`` re-scored by ITM.
+
+    ``itm`` is ALBEF's rule (the ITM logit alone), ``itc+itm`` BLIP's sum, both from one
+    ``rerank_similarity`` call (which adds the ITC cosine to every candidate it re-scores).
+    """
+    from trainables.data.synthetic import SyntheticWorld
+    from trainables.evaluation.rerank import OUTSIDE_TOP_K, RerankedScores, itc_similarity, recall_from_scores, rerank_similarity
+
+    world = SyntheticWorld("test", num_images, image_size=model.image_size, seed=0)
+    images = world.images.float().div(255.0)
+    captions = [caption for group in world.captions for caption in group]
+    text_to_image = torch.arange(num_images).repeat_interleave(len(world.captions[0]))
+    image_features = torch.cat([model.encode_image(images[i:i + 100]) for i in range(0, num_images, 100)])
+    text_features = torch.cat([model.encode_text(captions[i:i + 500]) for i in range(0, len(captions), 500)])
+    similarity = itc_similarity(image_features, text_features)
+    summed = rerank_similarity(model, images, captions, similarity, k_test=k_test)
+    itm_only = RerankedScores(*(torch.where(m > OUTSIDE_TOP_K, m - similarity, m) for m in (summed.i2t, summed.t2i)))
+    return {"itc": recall_from_scores(RerankedScores(similarity, similarity), text_to_image),
+            "itm": recall_from_scores(itm_only, text_to_image), "itc+itm": recall_from_scores(summed, text_to_image)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="pretrain again even if cached weights exist")
+    parser.add_argument("--train-images", type=int, default=TinyAlbefConfig.train_images, help="recipe change (another cache key)")
+    parser.add_argument("--epochs", type=int, default=TinyAlbefConfig.epochs, help="recipe change (another cache key)")
+    parser.add_argument("--evaluate", type=int, default=0, metavar="N", help="then print clean recall on N synthetic test images")
     args = parser.parse_args()
+    config = TinyAlbefConfig(train_images=args.train_images, epochs=args.epochs)
     started = time.perf_counter()
-    directory = ensure_pretrained(force=args.force)
-    print(f"tiny-albef: {directory} ({time.perf_counter() - started:.0f} s)")
+    directory = ensure_pretrained(config, force=args.force)
+    print(f"tiny-albef: {directory} ({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.evaluate:
+        model = load_albef(directory, directory / WEIGHTS_FILE, f"tiny-albef@{directory / WEIGHTS_FILE}")
+        for rule, metrics in clean_recall(model, args.evaluate).items():
+            print(rule, {key: round(value, 1) for key, value in metrics.items()})
 
 
 if __name__ == "__main__":
