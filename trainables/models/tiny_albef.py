@@ -234,13 +234,13 @@ def load_tiny_albef(spec: str, weights: str | None = None, config: TinyAlbefConf
 
 @torch.no_grad()
 def clean_recall(model: AlbefVLP, num_images: int = 500, k_test: int = 16) -> dict[str, dict[str, float]]:
-    """Clean TR/IR@K on ``synthetic:test,n=num_images``: ITC only, and the ITC top-``k_test`` re-scored by ITM.
+    """Clean TR/IR@K on ``synthetic:test,n=num_images``: ITC only, and the ITC top-``k_test`` re-scored.
 
-    ``itm`` is ALBEF's rule (the ITM logit alone), ``itc+itm`` BLIP's sum, both from one
-    ``rerank_similarity`` call (which adds the ITC cosine to every candidate it re-scores).
+    ``itm`` is ALBEF's rule (the raw ITM logit alone, ``Retrieval.py:evaluation``), ``itc+itm``
+    BLIP's sum; candidates outside the top-``k_test`` score ``OUTSIDE_TOP_K`` as in ``rerank``.
     """
     from trainables.data.synthetic import SyntheticWorld
-    from trainables.evaluation.rerank import OUTSIDE_TOP_K, RerankedScores, itc_similarity, recall_from_scores, rerank_similarity
+    from trainables.evaluation.rerank import OUTSIDE_TOP_K, RerankedScores, itc_similarity, recall_from_scores
 
     world = SyntheticWorld("test", num_images, image_size=model.image_size, seed=0)
     images = world.images.float().div(255.0)
@@ -249,10 +249,19 @@ def clean_recall(model: AlbefVLP, num_images: int = 500, k_test: int = 16) -> di
     image_features = torch.cat([model.encode_image(images[i:i + 100]) for i in range(0, num_images, 100)])
     text_features = torch.cat([model.encode_text(captions[i:i + 500]) for i in range(0, len(captions), 500)])
     similarity = itc_similarity(image_features, text_features)
-    summed = rerank_similarity(model, images, captions, similarity, k_test=k_test)
-    itm_only = RerankedScores(*(torch.where(m > OUTSIDE_TOP_K, m - similarity, m) for m in (summed.i2t, summed.t2i)))
+    tokens = torch.cat([model.image_tokens(images[i:i + 100]) for i in range(0, num_images, 100)])
+    i2t = torch.full_like(similarity, OUTSIDE_TOP_K)
+    for image in range(num_images):
+        top = similarity[image].topk(min(k_test, len(captions))).indices
+        i2t[image, top] = model.itm_pair_logits(tokens[image:image + 1].expand(len(top), -1, -1), [captions[t] for t in top.tolist()])
+    t2i = torch.full_like(similarity, OUTSIDE_TOP_K)
+    for text in range(len(captions)):
+        top = similarity[:, text].topk(min(k_test, num_images)).indices
+        t2i[top, text] = model.itm_pair_logits(tokens[top], [captions[text]] * len(top))
+    summed = [torch.where(m > OUTSIDE_TOP_K, m + similarity, m) for m in (i2t, t2i)]
     return {"itc": recall_from_scores(RerankedScores(similarity, similarity), text_to_image),
-            "itm": recall_from_scores(itm_only, text_to_image), "itc+itm": recall_from_scores(summed, text_to_image)}
+            "itm": recall_from_scores(RerankedScores(i2t, t2i), text_to_image),
+            "itc+itm": recall_from_scores(RerankedScores(*summed), text_to_image)}
 
 
 def main() -> None:
