@@ -9,6 +9,8 @@ A model spec is a string a user writes in YAML or on the command line::
     hf-clip:/abs/dir                       transformers CLIPModel saved with save_pretrained
     hf-blip-itr:/abs/dir                   transformers BlipForImageTextRetrieval (ITC + ITM re-ranking)
     hf-blip-cap:/abs/dir                   transformers BlipForConditionalGeneration (captioning, no text encoder)
+    albef:/abs/bert-dir@/abs/ckpt.pth      ALBEF (fusion encoder): tokenizer + config_bert.json dir, checkpoint file
+    tcl:/abs/bert-dir@/abs/ckpt.pth        TCL (ALBEF's architecture and checkpoint layout)
 
 Nothing is ever downloaded. Kinds live in the plain dict ``MODEL_KINDS`` below.
 docs/models-and-data.md describes each kind and its checks.
@@ -26,6 +28,7 @@ import open_clip
 import torch
 
 from trainables.errors import UserError
+from trainables.models.albef import AlbefVLP, TclVLP, load_albef
 from trainables.models.base import VLPModel
 from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
 from trainables.models.hf_clip import HfClipVLP, load_hf_clip
@@ -133,6 +136,10 @@ def _load_hf_blip_caption(spec: ModelSpec) -> VLPModel:
     return load_hf_blip_caption(Path(spec.name), str(spec))
 
 
+def _load_albef(spec: ModelSpec) -> VLPModel:
+    return load_albef(Path(spec.name), spec.weights, str(spec), family=spec.kind)
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """One kind of model spec.
@@ -163,10 +170,14 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP, "blip", (Task.RETRIEVAL,)),
     "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP, "blip", (Task.CAPTIONING,)),
+    "albef": ModelKind(True, _load_albef, AlbefVLP, "albef", (Task.RETRIEVAL,)),
+    "tcl": ModelKind(True, _load_albef, TclVLP, "tcl", (Task.RETRIEVAL,)),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.
 DIRECTORY_KINDS = ("hf-clip", "hf-blip-itr", "hf-blip-cap")
+# Kinds whose name is a local directory (the tokenizer) and that also need '@weights' (the checkpoint).
+DIRECTORY_WEIGHTS_KINDS = ("albef", "tcl")
 
 
 def _split_spec(text: str) -> tuple[str, str, str]:
@@ -203,13 +214,17 @@ def parse_model_spec(text: str) -> ModelSpec:
     kind, name, weights = _split_spec(text)
     needs_name = model_kind(text).needs_name
     if needs_name and not name:
+        if kind in DIRECTORY_WEIGHTS_KINDS:
+            raise UserError(f"model spec {text!r} needs a tokenizer directory and a checkpoint: write {kind}:/abs/dir@/abs/checkpoint.pth")
         if kind in DIRECTORY_KINDS:
             raise UserError(f"model spec {text!r} needs a model directory: write {kind}:/abs/path/to/dir")
         raise UserError(f"model spec {text!r} needs an architecture name: write {kind}:NAME@/abs/path/to/weights")
     if not needs_name and name:
         raise UserError(f"model spec {text!r}: kind {kind!r} takes no ':NAME' part")
-    if kind in DIRECTORY_KINDS:
-        if weights:
+    if kind in DIRECTORY_WEIGHTS_KINDS and not weights:
+        raise UserError(f"model spec {text!r} names no checkpoint: write {kind}:{name}@/abs/checkpoint.pth (ALBEF/TCL weights)")
+    if kind in DIRECTORY_KINDS + DIRECTORY_WEIGHTS_KINDS:
+        if weights and kind in DIRECTORY_KINDS:
             raise UserError(
                 f"model spec {text!r}: {kind} loads its weights from the directory, so it takes no '@weights'; "
                 "load a fine-tuned vision checkpoint with trainables.models.robust_checkpoint.load_robust_vision"
