@@ -27,10 +27,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from platform.cli import check_writable, parse_assignments, run_cli
+from platform.leftovers import record_local_ray, state_folder, stop_leftovers
 from platform.search import final_key, num_samples, planned_trials, scheduler, searcher, tune_space
 from platform.sweep_spec import Choice, Fixed, IntRange, SweepSpec, load_sweep_spec
 from platform.tracking import (ROLE_TAG, SWEEP_TAG, TRIAL_TAG, MlflowTrialTracker, find_run, get_or_create_experiment,
                                get_or_create_parent_run, register_best)
+from platform.tracking_recovery import tracking_server_outage
 from trainables.ray_worker import run_trial, training_options
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.config import TrainConfig
@@ -198,7 +200,9 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # `ray job submit`: attach to the cluster the job runs on
     else:
-        ray.init(dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
+        # address="local": always a Ray of its own. Without it ray.init() joins any Ray it finds running on this
+        # machine (another user's sweep, or the leftovers of a killed one).
+        ray.init(address="local", dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
 
 
 def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool) -> tune.Tuner:
@@ -281,6 +285,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     check_resources(spec)
     check_inputs(spec)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
+    if resume:  # a killed driver's local Ray may have left processes behind: stop them (refused while it still runs)
+        stop_leftovers(state_folder(locations.storage_path, sweep_id))
     if spec.experiment.model == "tiny-clip":
         ensure_pretrained()  # once, in the driver, before trials start (they would race to pretrain)
     check_model_loads(spec)
@@ -295,8 +301,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     family = "clip" if "clip" in spec.experiment.model else spec.experiment.model.split(":")[0]
     tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id, family)
     init_ray(dashboard_host)
+    record_local_ray(state_folder(locations.storage_path, sweep_id))
     started = time.perf_counter()
-    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
+    with tracking_server_outage(locations.tracking_uri, sweep_id):  # a server gone for longer than MLflow's retries
+        results = build_tuner(spec, sweep_id, locations, tracker, bool(resume)).fit()
     wall_seconds = time.perf_counter() - started
     rows = trial_rows(results, spec)
     front = pareto_front(rows, spec)

@@ -24,11 +24,12 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from platform.tracking_recovery import checkpointed_epochs
 from trainables.config import TrainConfig
 from trainables.ray_worker import training_options
 from trainables.checkpoint import STATE_FILE, VISION_FILE
 from trainables.models import is_captioner_spec
-from trainables.names import EPOCH
+from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
 
 SWEEP_TAG = "mava.sweep_id"
 TRIAL_TAG = "mava.trial_id"
@@ -200,7 +201,7 @@ class MlflowTrialTracker(Callback):
                 "mava.eps": f"{round(float(train['eps']) * 255, 3):g}/255",
             }))
             run_id = run.info.run_id
-            log_params(self.client, run_id, train)
+            log_params(self.client, run_id, {**train, EFFECTIVE_BATCH_SIZE: train["batch_size"] * trial.config["sweep"]["workers_per_trial"]})
             self._last_epoch[trial.trial_id] = 0
         else:
             # Resumed sweep or restarted trial: continue after the last epoch this run already holds.
@@ -226,8 +227,13 @@ class MlflowTrialTracker(Callback):
         if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0) or trial.trial_id in self._ended:
             return  # an epoch that is already recorded (a restarted worker replays its checkpoint's epoch)
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith("final/")] + [Metric(EPOCH, epoch, now, epoch)]
-        self.client.log_batch(run_id, metrics=batch)
+        epochs = {epoch: metrics}
+        if epoch > self._last_epoch.get(trial.trial_id, 0) + 1:
+            # Epochs between reached Ray's storage but not MLflow (the driver was waiting for, or lost, the server): from their checkpoints.
+            stored = checkpointed_epochs(trial.config["sweep"]["storage_path"], f"{self.sweep_id}-train-{trial.trial_id}")
+            epochs |= {e: numeric_metrics(stored[e]) for e in range(self._last_epoch.get(trial.trial_id, 0) + 1, epoch) if e in stored}
+        batch = [Metric(k, v, now, e) for e, values in sorted(epochs.items()) for k, v in values.items() if not k.startswith("final/")]
+        self.client.log_batch(run_id, metrics=batch + [Metric(EPOCH, e, now, e) for e in sorted(epochs)])
         self._last_epoch[trial.trial_id] = epoch
         self._last_metrics[trial.trial_id] = metrics
 

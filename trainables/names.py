@@ -10,6 +10,8 @@ CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"
 ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
 EPOCH = "epoch"
+# Param of a trial's run: images per optimiser step, batch_size (per worker) x workers_per_trial (DDP averages them).
+EFFECTIVE_BATCH_SIZE = "effective_batch_size"
 CLEAN = "clean"
 
 
