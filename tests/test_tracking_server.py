@@ -40,7 +40,7 @@ from platform.tracking import ROLE_TAG, SWEEP_TAG, sha256_of
 from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
 from test_reliability import Driver, epoch_steps, ray_train_workers, tiny_sweep, trial_runs, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a server start, a sweep and its Ray: minutes on a busy machine
 
 LOOPBACK = "127.0.0.1"
 BATCH = 6
@@ -97,15 +97,15 @@ def postgres():
     options = f"-c listen_addresses={LOOPBACK} -p {port} -k {data}"
     subprocess.run(as_server_user([postgres_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "-t", "120", "start"]),
                    check=True, capture_output=True, timeout=180)
-    base = f"postgresql://mava@{LOOPBACK}:{port}"
+    base = f"mava@{LOOPBACK}:{port}"
 
     def create(name: str) -> str:
-        connection = psycopg2.connect(f"{base}/postgres")
+        connection = psycopg2.connect(f"postgresql://{base}/postgres")
         connection.autocommit = True
         with connection.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
         connection.close()
-        return f"{base}/{name}"
+        return f"postgresql+psycopg2://{base}/{name}"  # SQLAlchemy's default PostgreSQL driver is psycopg 3; ours is psycopg2
 
     try:
         yield create
@@ -226,7 +226,7 @@ def test_a_two_worker_sweep_is_recorded_by_a_tracking_server(backend, request, r
     if backend == "postgresql":  # the records are in PostgreSQL itself, not in a file beside the server
         import psycopg2
 
-        with psycopg2.connect(backend_uri) as connection, connection.cursor() as cursor:
+        with psycopg2.connect(backend_uri.replace("+psycopg2", "")) as connection, connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM runs WHERE run_uuid IN (%s, %s)", (summary["parent_run_id"], summary["registered"]["run_id"]))
             assert cursor.fetchone()[0] == 2
             cursor.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = %s", (summary["registered"]["run_id"], EPOCH))
