@@ -55,7 +55,9 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # `ray job submit`: attach to the cluster the job runs on
     else:
-        ray.init(dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
+        # address="local": always a Ray of its own. Without it ray.init() joins any Ray it finds running on this
+        # machine (another user's sweep, or the leftovers of a killed one).
+        ray.init(address="local", dashboard_host=dashboard_host, include_dashboard=True, log_to_driver=True)
 
 
 def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool,

@@ -22,13 +22,15 @@ from mlflow.tracking import MlflowClient
 
 from platform.cli import check_writable, parse_assignments, run_cli
 from platform.launch import LOCAL_HOST, build_tuner, init_ray, resolve_sweep_id
+from platform.leftovers import record_local_ray, state_folder, stop_leftovers
 from platform.plan import describe_plan
 from platform.preflight import check_model_loads, preflight
 from platform.results import ended_trials, finish_sweep, format_table, pareto_front, trial_rows
 from platform.search import planned_trials
+from platform.specs import pin_specs
 from platform.sweep_spec import SweepSpec, load_sweep_spec
 from platform.tracking import MlflowTrialTracker, get_or_create_experiment, get_or_create_parent_run
-from platform.specs import pin_specs
+from platform.tracking_recovery import tracking_server_outage
 from trainables.models.tiny_clip import cached_weights_path
 from trainables.names import BASE_WEIGHTS_SHA256, DEFENSE_TAG, MODEL_TAG
 
@@ -55,6 +57,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     """
     locations = preflight(spec, tracking_uri, storage_path)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
+    if resume:  # a killed driver's local Ray may have left processes behind: stop them (refused while it still runs)
+        stop_leftovers(state_folder(locations.storage_path, sweep_id))
     # Once, in the driver: specs parsed to canonical form; an embedded model pretrained here if needed and pinned to
     # a content-addressed file under the storage folder, which every worker on every node loads (none pretrains).
     pinned = pin_specs(spec.fixed_options(), locations.storage_path)
@@ -66,8 +70,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
                                              tags={MODEL_TAG: spec.experiment.model, DEFENSE_TAG: spec.experiment.defense.value})
     tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id)
     init_ray(dashboard_host)
+    record_local_ray(state_folder(locations.storage_path, sweep_id))
     started = time.perf_counter()
-    results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
+    with tracking_server_outage(locations.tracking_uri, sweep_id):  # a server gone for longer than MLflow's retries
+        results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
     wall_seconds = time.perf_counter() - started
     rows = trial_rows(results, spec)
     summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,

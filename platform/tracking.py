@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from platform.mlflow_ui import describe_sweep
+from platform.tracking_recovery import checkpointed_epochs
 from trainables.config import TrainConfig
 from trainables.models import model_kind
 from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_PATH_KEY, DEFENSE_TAG,
@@ -32,6 +33,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFAC
                               PARENT_RUN_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING, SWEEP_TAG,
                               TASK_TAG, TRIAL_TAG, VISION_FILE, eps_fraction)
 from trainables.ray_worker import training_options
+from trainables.names import EFFECTIVE_BATCH_SIZE
 from trainables.tasks import task_info
 
 __all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
@@ -211,7 +213,7 @@ class MlflowTrialTracker(Callback):
             run = self.client.create_run(self.experiment_id, run_name=redact_text(f"{self.sweep_id}/{trial.trial_id}"), tags=redact({
                 **tags, ROLE_TAG: ROLE_TRIAL, PARENT_RUN_TAG: self.parent_run_id, **trial_tags(train)}))
             run_id = run.info.run_id
-            log_params(self.client, run_id, train)
+            log_params(self.client, run_id, {**train, EFFECTIVE_BATCH_SIZE: train["batch_size"] * trial.config["sweep"]["workers_per_trial"]})
             self._last_epoch[trial.trial_id] = 0
         else:
             # Resumed sweep or restarted trial: continue after the last epoch this run already holds.
@@ -237,8 +239,13 @@ class MlflowTrialTracker(Callback):
         if not metrics or epoch <= self._last_epoch.get(trial.trial_id, 0) or trial.trial_id in self._ended:
             return  # an epoch that is already recorded (a restarted worker replays its checkpoint's epoch)
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, epoch) for k, v in metrics.items() if not k.startswith(FINAL_PREFIX)] + [Metric(EPOCH, epoch, now, epoch)]
-        self.client.log_batch(run_id, metrics=batch)
+        epochs = {epoch: metrics}
+        if epoch > self._last_epoch.get(trial.trial_id, 0) + 1:
+            # Epochs between reached Ray's storage but not MLflow (the driver was waiting for, or lost, the server): from their checkpoints.
+            stored = checkpointed_epochs(trial.config["sweep"]["storage_path"], f"{self.sweep_id}-train-{trial.trial_id}")
+            epochs |= {e: numeric_metrics(stored[e]) for e in range(self._last_epoch.get(trial.trial_id, 0) + 1, epoch) if e in stored}
+        batch = [Metric(k, v, now, e) for e, values in sorted(epochs.items()) for k, v in values.items() if not k.startswith(FINAL_PREFIX)]
+        self.client.log_batch(run_id, metrics=batch + [Metric(EPOCH, e, now, e) for e in sorted(epochs)])
         self._last_epoch[trial.trial_id] = epoch
         self._last_metrics[trial.trial_id] = metrics
 

@@ -21,6 +21,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# MLflow's telemetry thread deletes an environment variable while HTTP requests read the environment
+# (a random KeyError: '_MLFLOW_TELEMETRY_SESSION_ID' against a tracking server); nothing here needs it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +82,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, log_to_driver=False)
     yield
 
 

@@ -106,7 +106,7 @@ def log_sweep(tracking_uri: str, experiment: str, artifact_location: str, sweep:
     tracker = MlflowTrialTracker(tracking_uri, experiment_id, parent, sweep.sweep_id)
     losses = CAPTIONER_LOSSES if base["a"] == 0 else RETRIEVAL_LOSSES
     for fake in sweep.trials:
-        trial = SimpleNamespace(trial_id=fake.trial_id, config={"train": base, "sweep": {"searched": list(fake.sampled)}, **fake.sampled})
+        trial = SimpleNamespace(trial_id=fake.trial_id, config={"train": base, "sweep": {"searched": list(fake.sampled), "workers_per_trial": 1}, **fake.sampled})
         tracker.on_trial_start(0, [], trial)
         for epoch in range(1, sweep.epochs + 1):
             scale = epoch / sweep.epochs  # the last epoch reports the final values

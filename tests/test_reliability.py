@@ -40,7 +40,7 @@ from trainables.models import load_model
 from trainables.models.robust_checkpoint import load_robust_vision
 from trainables.models.tiny_clip import build_tiny_clip
 from trainables.models.weights import read_state_dict
-from trainables.names import EPOCH
+from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
 from trainables.ray_worker import REPLAYED_KEY, RESUMED_FROM_KEY
 
 WAIT_SECONDS = 600  # generous: the machine is shared; every wait ends as soon as its event happens
@@ -191,6 +191,13 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def listening_addresses(root: psutil.Process, port: int) -> set[str]:
     pids = {root.pid} | {p.pid for p in root.children(recursive=True)}
     return {c.laddr.ip for c in psutil.net_connections(kind="inet")
@@ -235,17 +242,25 @@ def test_an_interrupted_then_killed_sweep_resumes_without_losing_or_repeating_a_
     training = wait_for(lambda: [p for p in root.children(recursive=True) if TRAINING_PROCESSES.search(" ".join(_cmdline(p)))],
                         "the resumed sweep's Ray processes")
     assert any("raylet" in " ".join(_cmdline(p)) for p in training)
+    dead_sweep = root.children(recursive=True)  # every process of its local Ray, agents included
     resumed.process.send_signal(signal.SIGKILL)
     assert resumed.wait() == -signal.SIGKILL
     # Ray's processes share the driver's fate: no worker of the dead sweep trains on beside the resumed one.
-    # (Ray's idle dashboard and runtime-env agents notice later, and only hold memory until then.)
     _, alive = psutil.wait_procs(training, timeout=90)
     assert not alive, [_cmdline(p) for p in alive]
+    # Ray's dashboard and runtime-env agents outlive it (they were still there 30 s later): the next --resume stops them.
+    time.sleep(5)
+    leftovers = [p for p in dead_sweep if _running(p)]
     finished = {r.data.tags[TRIAL_TAG]: r for r in trial_runs(client, "interrupted") if r.info.status == "FINISHED"}
     checkpoints = {trial: sorted((tmp_path / "ray").glob(f"*-train-{trial}/checkpoint_*")) for trial in finished}
 
     # 3. Resume again: the sweep completes with each planned trial recorded exactly once.
     last = Driver("--space", str(sweep_file), "--resume")
+    wait_for(lambda: "View the dashboard at" in last.output or last.process.poll() is not None, "the last driver's Ray")
+    # Stopped before the new Ray started: nothing of the killed sweep is left.
+    assert not [(p.pid, _cmdline(p)) for p in dead_sweep if _running(p)], last.output[-4000:]
+    if leftovers and "left running by the interrupted sweep" in last.output:  # (unless they ended on their own meanwhile)
+        assert re.search(r"stopped \d+ process\(es\) left running by the interrupted sweep's local Ray: .*ray::", last.output)
     assert last.wait() == 0, last.output[-4000:]
     runs = trial_runs(client, "interrupted")
     assert len(runs) == 3 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 3, [r.data.tags for r in runs]
@@ -495,3 +510,66 @@ def test_no_code_path_unpickles_without_restriction():
                     offences.append(f"{where}:{node.lineno}: torch.jit.load outside the OpenAI release-file reader")
     assert not offences, offences
     assert torch_loads >= 1  # the scan does see the one legacy reader (trainables/models/weights.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# The leftovers of a killed driver's local Ray: found by recorded pid or by Ray's session folder, nothing else
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_stops_only_the_dead_drivers_leftovers_and_refuses_while_it_runs(tmp_path):
+    from platform.leftovers import RECORD_FILE, stop_leftovers
+
+    session = tmp_path / "session_2026-01-01_00-00-00_000000_1"
+    (session / "logs").mkdir(parents=True)
+    hold_open = "import sys, time; log = open(sys.argv[1], 'a'); time.sleep(600)"
+    # Like Ray's renamed agents: nothing in its command line names the session, it only holds a log file of it open.
+    agent = subprocess.Popen([sys.executable, "-c", hold_open, str(session / "logs" / "dashboard_agent.log")])
+    recorded = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a recorded Ray pid
+    bystander = subprocess.Popen([sys.executable, "-c", hold_open, str(tmp_path / "another-session.log")])
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        identity = lambda p: {"pid": p.pid, "create_time": psutil.Process(p.pid).create_time()}  # noqa: E731
+        record = {"driver": identity(driver), "session_dir": str(session), "processes": [identity(recorded)]}
+        (tmp_path / RECORD_FILE).write_text(json.dumps(record))
+        wait_for(lambda: any(f.path.endswith("dashboard_agent.log") for f in psutil.Process(agent.pid).open_files()), "the agent's open log")
+        with pytest.raises(UserError, match=rf"the sweep is still running: its driver \(pid {driver.pid}\) is alive"):
+            stop_leftovers(tmp_path)
+        assert agent.poll() is None and recorded.poll() is None  # a running sweep is never touched
+        driver.kill()
+        driver.wait()
+        stopped = stop_leftovers(tmp_path)
+        assert len(stopped) == 2 and agent.wait(timeout=30) is not None and recorded.wait(timeout=30) is not None
+        assert bystander.poll() is None  # not of that Ray's session: left alone
+        assert not (tmp_path / RECORD_FILE).exists() and stop_leftovers(tmp_path) == []
+    finally:
+        for process in (agent, recorded, bystander, driver):
+            process.kill()
+            process.wait()
+
+
+def test_epochs_that_missed_mlflow_are_recorded_from_their_checkpoints(tmp_path):
+    """A result for epoch 3 after epoch 1 (epoch 2 trained while the driver could not reach MLflow): epoch 2 comes
+    from its checkpoint's state.json, so the run's history is 1, 2, 3, once each."""
+    from types import SimpleNamespace
+
+    from platform.tracking import MlflowTrialTracker, get_or_create_experiment, get_or_create_parent_run
+    from trainables.config import TrainConfig
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray"
+    for epoch, name in ((1, "checkpoint_000000"), (2, "checkpoint_000001")):
+        (storage / "s-train-t1" / name).mkdir(parents=True)
+        (storage / "s-train-t1" / name / "state.json").write_text(json.dumps({"epoch": epoch, "metrics": {EPOCH: epoch, "train/loss": 10.0 * epoch}}))
+    (storage / "s-train-t1" / "checkpoint_000002").mkdir()  # a marker checkpoint without state.json is skipped
+    client = MlflowClient(uri)
+    experiment = get_or_create_experiment(client, "gaps", str(tmp_path / "artifacts"))
+    tracker = MlflowTrialTracker(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}, {}), "s", "clip")
+    config = TrainConfig(epochs=3).model_dump(mode="json")
+    trial = SimpleNamespace(trial_id="t1", config={"train": config, "sweep": {"searched": [], "workers_per_trial": 2, "storage_path": str(storage)}})
+    tracker.on_trial_start(0, [], trial)
+    for epoch in (1, 3, 3):  # the last: a replayed epoch, already recorded
+        tracker.on_trial_result(0, [], trial, {EPOCH: epoch, "train/loss": 10.0 * epoch})
+    [run] = trial_runs(client, "gaps")
+    assert epoch_steps(client, run.info.run_id) == [1, 2, 3]
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    assert run.data.params[EFFECTIVE_BATCH_SIZE] == str(2 * config["batch_size"])

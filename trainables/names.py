@@ -75,6 +75,8 @@ RESULTS_FILE = "results.json"  # platform.finetune's numbers, beside its checkpo
 # the "sweep" section of a trial's config): code uses the constants where it means these names, but the
 # literal scan (tests/test_names.py) does not flag the words themselves.
 COMMON_WORDS = frozenset({ROLE_SWEEP, ROLE_TRIAL, CHECKPOINT_ARTIFACT_DIR})
+# Param of a trial's run: images per optimiser step, batch_size (per worker) x workers_per_trial (DDP averages them).
+EFFECTIVE_BATCH_SIZE = "effective_batch_size"
 
 
 def eps_label(eps: float) -> str:

@@ -180,11 +180,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
                 terms = step(attack_encode, train_encode, images, caption_features, original_features, config, generator)
             loss = terms["loss"]
             if not _finite_on_every_rank(loss, distributed):
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise NonFiniteLossError(
-                    f"the {config.defense.value} loss became {loss.item()} at epoch {epoch}, batch {batch_index} ({values}): "
-                    f"lower lr (now {config.lr:g}) or eps (now {config.eps:.4g}), or check the data"
-                )
+                raise NonFiniteLossError(_nonfinite_reason(terms, config, epoch, batch_index, distributed))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -216,6 +212,23 @@ def _finite_on_every_rank(loss: torch.Tensor, distributed: bool) -> bool:
     if distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item() > 0)
+
+
+def _nonfinite_reason(terms: dict[str, torch.Tensor], config: TrainConfig, epoch: int, batch_index: int, distributed: bool) -> str:
+    """Why training stops, the same text on every rank: the terms of the first rank whose loss is not finite.
+
+    Every rank raises (they agreed in ``_finite_on_every_rank``); a rank whose own loss was
+    finite must not report its finite value as the reason, so the ranks' terms are gathered.
+    """
+    values, where = {key: value.item() for key, value in terms.items()}, ""
+    if distributed:
+        gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, values)
+        rank = next(r for r, terms_of_rank in enumerate(gathered) if not math.isfinite(terms_of_rank["loss"]))
+        values, where = gathered[rank], f" on rank {rank} of {len(gathered)}"
+    text = ", ".join(f"{key}={value:.4g}" for key, value in values.items())
+    return (f"the {config.defense.value} loss became {values['loss']} at epoch {epoch}, batch {batch_index}{where} ({text}): "
+            f"lower lr (now {config.lr:g}) or eps (now {config.eps:.4g}), or check the data")
 
 
 def _evaluates(config: TrainConfig, epoch: int) -> bool:
