@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import pyarrow.fs
 
-from trainables.checkpoint import STATE_FILE
 from trainables.errors import UserError
+from trainables.names import EPOCH, STATE_FILE
 
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names in a run's storage
 
@@ -32,7 +32,7 @@ def checkpointed_epochs(storage_path: str, train_run_name: str) -> dict[int, dic
             continue  # a marker checkpoint (a NaN loss) has no epoch
         with filesystem.open_input_stream(state_path) as stream:
             state = json.loads(stream.read().decode())
-        found[int(state["epoch"])] = state["metrics"]
+        found[int(state[EPOCH])] = state["metrics"]
     return found
 
 
