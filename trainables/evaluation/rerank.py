@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainables.evaluation.retrieval import KS
-from trainables.names import RECALL_KEYS
+from trainables.evaluation.retrieval import recall_from_ranks, retrieval_ranks
 
 # BLIP and ALBEF fill non-candidates with -100: far below any cosine (>= -1) plus ITM logit.
 OUTSIDE_TOP_K = -100.0
@@ -87,21 +86,13 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
 def recall_from_scores(scores: RerankedScores, text_to_image: torch.Tensor) -> dict[str, float]:
     """TR@1/5/10 and IR@1/5/10 in percent from re-ranked scores (same definitions as ``recall_at_k``).
 
-    A ground truth left outside the top-k_test counts as a miss at every K, also for
-    K > k_test (its true rank is unknown, only known to be >= k_test).
+    Ranks are pessimistic (a wrong item tied with the ground truth ranks above it) and
+    non-finite scores are refused, as in ``recall_at_k``. A ground truth left outside the
+    top-k_test counts as a miss at every K, also for K > k_test (its true rank is unknown,
+    only known to be >= k_test).
     """
-    i2t, t2i = scores.i2t, scores.t2i
-    num_images, num_texts = i2t.shape
-    is_ground_truth = text_to_image.unsqueeze(0) == torch.arange(num_images).unsqueeze(1)  # (I, T)
-    best_gt_score = torch.where(is_ground_truth, i2t, torch.full_like(i2t, float("-inf"))).max(dim=1).values
-    best_gt_rank = (i2t > best_gt_score.unsqueeze(1)).sum(dim=1)
+    image_ranks, caption_ranks, best_gt_score, gt_image_score = retrieval_ranks(scores.t2i, text_to_image, i2t=scores.i2t)
     never = torch.iinfo(torch.long).max  # a rank no K reaches
-    best_gt_rank[best_gt_score <= OUTSIDE_TOP_K] = never  # never re-scored: a miss
-    gt_image_score = t2i[text_to_image, torch.arange(num_texts)]
-    image_rank = (t2i > gt_image_score.unsqueeze(0)).sum(dim=0)
-    image_rank[gt_image_score <= OUTSIDE_TOP_K] = never
-    metrics = {}
-    for k in KS:
-        metrics[f"tr{k}"] = 100.0 * (best_gt_rank < k).float().mean().item()
-        metrics[f"ir{k}"] = 100.0 * (image_rank < k).float().mean().item()
-    return {key: metrics[key] for key in RECALL_KEYS}
+    image_ranks[best_gt_score <= OUTSIDE_TOP_K] = never  # never re-scored: a miss
+    caption_ranks[gt_image_score <= OUTSIDE_TOP_K] = never
+    return recall_from_ranks(image_ranks, caption_ranks)

@@ -24,7 +24,7 @@ from trainables.attacks.apgd import apgd_retrieval_attack
 from trainables.attacks.base import caption_centroids, frozen_eval, retrieval_loss
 from trainables.attacks.pgd_retrieval import pgd_retrieval_attack
 from trainables.data.items import collate
-from trainables.evaluation.retrieval import recall_at_k
+from trainables.evaluation.retrieval import check_not_collapsed, recall_at_k
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
 
 
@@ -138,6 +138,9 @@ def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=No
     text_to_image_tensor = torch.tensor(text_to_image)
     clean_text_features = _embed_texts(model, captions_by_run[(CLEAN, None)], settings.batch_size).float().cpu()
     threat = threat_label(surrogate)
+    # A collapsed encoder has no meaningful recall (only tie-breaking): refuse it with the reason, so a
+    # training trial fails instead of reporting a number (NaN features are refused by recall_at_k).
+    check_not_collapsed(torch.cat(image_features[(CLEAN, None)]), f"clean image features of {model.spec}")
     rows = []
     for run in runs:
         attack_name, eps = run
