@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from trainables.attacks.base import eval_mode
 from trainables.attacks.pgd import PGDSettings, pgd
 from trainables.config import Defense, EmbeddingSpace, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
@@ -32,8 +33,9 @@ from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_out
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False) -> Encoder:
-    """The encoder an attack differentiates: ``vision`` on *detached* weights (same storage, same values).
+def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False,
+                   compile: bool = False) -> Encoder:
+    """The encoder an attack differentiates: ``vision`` on *detached* weights, in eval mode.
 
     An attack needs the gradient with respect to its input only. ``torch.autograd.grad(loss,
     x)`` already skips the weight-gradient kernels in eager mode, but with detached weights
@@ -41,11 +43,22 @@ def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.
     gradients need, and ``torch.compile`` traces an input-gradient-only backward (a
     compiled backward computes every gradient its graph was traced with). Detaching
     instead of toggling ``requires_grad`` leaves a DDP wrapper's parameter hooks alone.
+
+    Eval mode (issue 14, defect 7): the attack is not training, so it must not update
+    BatchNorm running statistics (ten extra updates per step, from adversarial images) nor
+    sample dropout; each call switches ``vision`` to eval and restores its modes after,
+    outside the compiled region (``compile``), so the compiled graph sees one mode only.
     """
 
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
         weights = {name: parameter.detach() for name, parameter in vision.named_parameters()}
         return torch.func.functional_call(vision, weights, (_layout(normalize(pixels), channels_last),)).float()
+
+    compiled = torch.compile(forward) if compile else forward
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with eval_mode(vision):
+            return compiled(pixels)
 
     return encode
 
@@ -70,10 +83,10 @@ def make_encoders(vision: nn.Module, train_vision: nn.Module, normalize: Callabl
     Args:
         vision: the trainable vision tower; train_vision: the same tower, DDP-wrapped under Ray Train.
     """
-    attack = attack_encoder(vision, normalize, config.channels_last)
+    attack = attack_encoder(vision, normalize, config.channels_last, compile=config.compile)
     train = train_encoder(train_vision, normalize, config.channels_last)
     if config.compile:
-        attack, train = torch.compile(attack), torch.compile(train)
+        train = torch.compile(train)
     return attack, train
 
 

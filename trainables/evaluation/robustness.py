@@ -12,6 +12,7 @@ rows with each other; ``docs/attacks.md`` explains every warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from trainables.attacks import TEXT_ATTACKS, get_attack
 from trainables.attacks.apgd import apgd_retrieval_attack
-from trainables.attacks.base import caption_centroids, frozen_eval, retrieval_loss
+from trainables.attacks.base import caption_centroids, eval_mode, frozen_eval, retrieval_loss
 from trainables.attacks.pgd_retrieval import pgd_retrieval_attack
 from trainables.data.items import collate
 from trainables.evaluation.retrieval import check_not_collapsed, recall_at_k
@@ -92,11 +93,20 @@ def _text_candidates(settings: EvalSettings, device: torch.device):
 def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=None, progress: bool = False) -> list[RetrievalRow]:
     """One :class:`RetrievalRow` for clean and for each attack × eps, in that order.
 
+    The model (and surrogate) run in eval mode throughout, their modes restored after: the
+    training loop evaluates between train-mode steps, and BatchNorm statistics or dropout
+    must neither change nor randomise what is scored.
+
     Args:
         model: the evaluated (target) model.
         dataset: yields ImageCaptionItem (all captions of each image are used).
         surrogate: craft attacks on this model instead (transfer setting), or None (white-box).
     """
+    with eval_mode(model), (eval_mode(surrogate) if surrogate is not None else contextlib.nullcontext()):
+        return _evaluate_retrieval_rows(model, dataset, settings, surrogate, progress)
+
+
+def _evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate, progress: bool) -> list[RetrievalRow]:
     if settings.max_images is not None and len(dataset) > settings.max_images:
         dataset = Subset(dataset, range(settings.max_images))
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
