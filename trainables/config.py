@@ -100,6 +100,9 @@ class TrainConfig(BaseModel):
     eval_attacks: tuple[str, ...] = ("pgd",)
     eval_eps: tuple[float, ...] = (2 / 255, 4 / 255)
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
+    # A model with an ITM head (model.itm_scoring: BLIP, ALBEF, TCL) is evaluated by re-scoring each image's and
+    # each caption's top-k_test ITC candidates with it (papers: 128 on Flickr30k, 256 on COCO); others by cosine.
+    k_test: int = Field(128, ge=1)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     # Speed options for CUDA GPUs (issue 7, numbers in BENCHMARKS.md). The step's mathematics is unchanged

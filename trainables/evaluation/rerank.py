@@ -8,7 +8,8 @@ retrieval this way, with k_test = 128 on Flickr30k and 256 on COCO):
 * independently, for each caption, its k_test most similar images get the same sum;
   every other image gets ``OUTSIDE_TOP_K``.
 
-The sum is BLIP's choice; ALBEF's evaluation uses the ITM score alone. The two
+The sum is BLIP's choice (rule ``"itc+itm"``); ALBEF's and TCL's evaluations use the ITM
+score alone (rule ``"itm"``). Each model declares its rule as ``model.itm_scoring``. The two
 directions re-score different candidate sets, so there are two matrices: ``i2t``
 ranks captions per image (TR@K), ``t2i`` ranks images per caption (IR@K).
 """
@@ -24,6 +25,13 @@ from trainables.evaluation.retrieval import recall_from_ranks, retrieval_ranks
 
 # BLIP and ALBEF fill non-candidates with -100: far below any cosine (>= -1) plus ITM logit.
 OUTSIDE_TOP_K = -100.0
+ITM_RULES = ("itc+itm", "itm")
+
+
+def scoring_label(model, k_test: int) -> str:
+    """How retrieval of ``model`` is scored, recorded with every result: ``itc`` or e.g. ``itc+itm@128``."""
+    rule = model.itm_scoring
+    return "itc" if rule is None else f"{rule}@{k_test}"
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def itc_similarity(image_features: torch.Tensor, text_features: torch.Tensor) ->
 
 @torch.no_grad()
 def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], similarity: torch.Tensor, k_test: int,
-                      batch_size: int = 32) -> RerankedScores:
+                      batch_size: int = 32, rule: str = "itc+itm") -> RerankedScores:
     """Re-score each image's and each caption's top-k_test candidates with ``model``'s ITM head.
 
     Args:
@@ -56,7 +64,11 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
         captions_flat: the T captions, column order of ``similarity``.
         similarity: (I, T) ITC similarities, e.g. from :func:`itc_similarity`.
         k_test: candidates re-scored per image and per caption (capped at T and I).
+        rule: ``"itc+itm"`` (BLIP: ITC cosine + ITM logit) or ``"itm"`` (ALBEF/TCL: ITM logit alone).
     """
+    if rule not in ITM_RULES:
+        raise ValueError(f"unknown ITM scoring rule {rule!r}: use one of {', '.join(ITM_RULES)}")
+    with_itc = rule == "itc+itm"
     num_images, num_texts = similarity.shape
     if images.shape[0] != num_images or len(captions_flat) != num_texts:
         raise ValueError(f"similarity is {tuple(similarity.shape)} but there are {images.shape[0]} images and {len(captions_flat)} captions")
@@ -72,14 +84,14 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
     for image in range(num_images):
         top_similarity, top = similarity[image].topk(k)
         logits = model.itm_pair_logits(tokens[image:image + 1].expand(k, -1, -1), [captions_flat[t] for t in top.tolist()])
-        i2t[image, top] = logits.float().cpu() + top_similarity
+        i2t[image, top] = logits.float().cpu() + (top_similarity if with_itc else 0.0)
 
     t2i = torch.full((num_images, num_texts), OUTSIDE_TOP_K)
     k = min(k_test, num_images)
     for text in range(num_texts):
         top_similarity, top = similarity[:, text].topk(k)
         logits = model.itm_pair_logits(tokens[top.to(device)], [captions_flat[text]] * k)
-        t2i[top, text] = logits.float().cpu() + top_similarity
+        t2i[top, text] = logits.float().cpu() + (top_similarity if with_itc else 0.0)
     return RerankedScores(i2t=i2t, t2i=t2i)
 
 
