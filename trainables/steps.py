@@ -17,6 +17,7 @@ batched forward/backward over the N neighbours and the clean image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from trainables.attacks.base import eval_mode
 from trainables.attacks.pgd import PGDSettings, pgd
-from trainables.config import Defense, EmbeddingSpace, NeighbourMode, Precision, TrainConfig
+from trainables.config import Defense, EmbeddingSpace, InnerNeighbourhood, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
@@ -117,12 +118,19 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
     normalized = config.embedding_space is EmbeddingSpace.NORMALIZED
 
     def inner(x: torch.Tensor) -> torch.Tensor:
-        return mava_inner_loss(attack_encode(x), original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
+        if config.inner_neighbourhood is InnerNeighbourhood.NEIGHBOURS:
+            # Eq. 5 as written: the objective over N fresh neighbours of the iterate (N forwards per step).
+            views = sample_neighbours(x, config.N, config.beta * config.eps, generator)
+            features = attack_encode(views.flatten(0, 1)).view(x.shape[0], config.N, -1)
+        else:
+            features = attack_encode(x)  # r = 0, as the authors' code: one forward per step
+        return mava_inner_loss(features, original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
 
+    settings = dataclasses.replace(pgd_settings(config), random_start=config.mava_random_start)
     if config.neighbours is NeighbourMode.TRAJECTORY:
-        _, neighbours = pgd(inner, images, pgd_settings(config), generator, keep_iterates=config.N)
+        _, neighbours = pgd(inner, images, settings, generator, keep_iterates=config.N)
     else:
-        adversarial = pgd(inner, images, pgd_settings(config), generator)
+        adversarial = pgd(inner, images, settings, generator)
         neighbours = sample_neighbours(adversarial, config.N, config.beta * config.eps, generator)
     batch, count = neighbours.shape[:2]
     # One batched forward over the N neighbours and the clean image (N+1 views per image).
