@@ -3,8 +3,11 @@
 This is the baseline of ``benchmarks/mava_step.py`` and the oracle of
 ``tests/test_step_performance.py`` (the optimised step must produce the same loss
 terms and the same parameter update). It is written the straightforward way,
-from the paper's equations, as a first implementation (and the authors' code)
-would be:
+from the paper's equations, as a first implementation would be. It is *not* the
+authors' code: it shares every interpretive choice of the platform's step (PGD
+random start, uniform neighbours ``v' + r_i``, Eq. 5 at r = 0, raw embeddings,
+``1 - cos``), which the authors' code makes differently (REFERENCE-NOTES, MAVA);
+only its PGD's ``loss.backward()`` imitates that code. Its naive parts:
 
 1. **Frozen features every step.** The M captions of every image go through the
    frozen text encoder (tokenised again) and the clean images through the frozen

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per attack batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack's randomness (default 0)")
+    parser.add_argument("--k-test", type=_positive_int, default=128, help="candidates an ITM head (BLIP, ALBEF, TCL) re-scores per image and per caption (default 128, Flickr30k's; COCO: 256)")
     parser.add_argument("--mlm", help="local masked-LM directory for the text attacks' candidates (default: offline character edits + token-embedding neighbours)")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the rows as JSON here")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"the surrogate takes {surrogate.image_size} px images but the evaluated model {model.image_size} px: "
                         "use a surrogate with the same input size")
     settings = EvalSettings(attacks=args.attacks, eps=args.eps, batch_size=args.batch_size, max_images=args.max_images,
-                            seed=args.seed, text_candidates=args.mlm)
+                            seed=args.seed, text_candidates=args.mlm, k_test=args.k_test)
     num_images = min(len(dataset), args.max_images or len(dataset))
     threat = "white-box" if surrogate is None else f"transfer from {surrogate.spec}"
     print(f"evaluating {args.model}{' + ' + args.checkpoint if args.checkpoint else ''} on {args.data} "

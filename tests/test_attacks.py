@@ -252,8 +252,13 @@ def test_sga_scaled_copies_keep_the_image_shape():
 def test_transfer_evaluation_never_differentiates_the_target(tiny_clip, random_model, synthetic_test_set):
     target = tiny_clip
     target.vision.requires_grad_(True)
-    graded_forwards = []
-    hook = target.vision.register_forward_hook(lambda module, inputs, output: graded_forwards.append(output.requires_grad))
+    graded_forwards, scored_inputs = [], []
+
+    def record(module, inputs, output):
+        graded_forwards.append(output.requires_grad)
+        scored_inputs.append(inputs[0].detach().clone())
+
+    hook = target.vision.register_forward_hook(record)
     try:
         rows = evaluate_retrieval_rows(target, synthetic_test_set, EvalSettings(attacks=("pgd", "sga"), eps=(4 / 255,), max_images=6),
                                        surrogate=random_model)
@@ -262,11 +267,13 @@ def test_transfer_evaluation_never_differentiates_the_target(tiny_clip, random_m
     assert graded_forwards and not any(graded_forwards)
     assert all(p.grad is None for p in target.parameters())
     assert [row.threat for row in rows] == ["none"] + [f"transfer:{random_model.spec}"] * 2
-    # the adversarial images are the surrogate's alone: the same attack on the surrogate gives them
-    images, captions = _batch(synthetic_test_set, 2)
-    alone = get_attack("pgd")(random_model, images, captions, 4 / 255, torch.Generator().manual_seed(3))
-    again = get_attack("pgd")(random_model, images, captions, 4 / 255, torch.Generator().manual_seed(3))
-    assert torch.equal(alone.images, again.images)
+    # The images the target scored under "pgd" are the surrogate's PGD images (one batch: clean, pgd, sga
+    # in that order; evaluation seeds the pgd run of batch 0 with 1), not PGD crafted on the target.
+    images, captions = _batch(synthetic_test_set, 6)
+    on_surrogate = get_attack("pgd")(random_model, images, captions, 4 / 255, torch.Generator().manual_seed(1)).images
+    on_target = get_attack("pgd")(target, images, captions, 4 / 255, torch.Generator().manual_seed(1)).images
+    assert torch.allclose(scored_inputs[1], target.normalize(on_surrogate), atol=1e-6)
+    assert not torch.allclose(scored_inputs[1], target.normalize(on_target), atol=1e-6)
 
 
 # ---- honesty checks --------------------------------------------------------------------------

@@ -92,3 +92,48 @@ def test_one_inner_step_lowers_and_one_outer_step_raises_image_caption_cosine(ti
     loss.backward()
     optimizer.step()
     assert _image_caption_cosine(tiny_clip, adversarial, captions) > after_inner
+
+
+# ---- the inner attack's neighbourhood is a named option (issue 14, defect 5) -------------------
+
+
+@pytest.mark.parametrize("inner, views_per_image", [("zero", 1), ("neighbours", 3)])
+def test_the_inner_attack_evaluates_eq5_at_r0_or_over_n_neighbours_as_configured(inner, views_per_image):
+    from trainables.config import TrainConfig
+    from trainables.steps import mava_step
+
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(3 * 4 * 4, 8)
+    seen: list[int] = []
+
+    def attack_encode(pixels):
+        seen.append(pixels.shape[0])
+        return projection(pixels.flatten(1))
+
+    config = TrainConfig(inner_neighbourhood=inner, N=3, pgd_steps=2)
+    images = torch.rand(2, 3, 4, 4)
+    terms = mava_step(attack_encode, lambda pixels: projection(pixels.flatten(1)), images, torch.randn(2, 5, 8),
+                      torch.randn(2, 8), config, torch.Generator().manual_seed(0))
+    # Each of the 2 PGD steps encodes the 2 images once (r = 0, the authors' code) or their N = 3 neighbours (Eq. 5).
+    assert seen == [2 * views_per_image] * 2 and torch.isfinite(terms["loss"])
+    assert TrainConfig().inner_neighbourhood.value == "zero"  # the documented default: the code's r = 0
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_mava_inner_random_start_is_a_named_option(random_start):
+    from trainables.config import TrainConfig
+    from trainables.steps import mava_step
+
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(3 * 4 * 4, 8)
+    first: list[torch.Tensor] = []
+
+    def attack_encode(pixels):
+        first.append(pixels.detach().clone())
+        return projection(pixels.flatten(1))
+
+    images = torch.rand(2, 3, 4, 4)
+    mava_step(attack_encode, lambda pixels: projection(pixels.flatten(1)), images, torch.randn(2, 5, 8), torch.randn(2, 8),
+              TrainConfig(mava_random_start=random_start, pgd_steps=1), torch.Generator().manual_seed(0))
+    # The authors' code starts the inner PGD at the clean image; the default starts at a random point of the ball.
+    assert torch.equal(first[0], images) is not random_start

@@ -212,12 +212,42 @@ def test_blip_reranking_changes_the_ranking_only_within_the_contrastive_top_k(mo
     for caption in range(len(captions)):
         top = set(similarity[:, caption].topk(3).indices.tolist())
         assert set((scores.t2i[:, caption] != OUTSIDE_TOP_K).nonzero().flatten().tolist()) == top
-    text_to_image = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    recalls = recall_from_scores(scores, text_to_image)
-    assert all(0.0 <= value <= 100.0 for value in recalls.values())
-    # With every candidate re-scored nothing is left outside, and recall@10 covers all 4 images.
-    full = rerank_similarity(model, images, captions, similarity, k_test=100)
-    assert (full.i2t != OUTSIDE_TOP_K).all() and recall_from_scores(full, text_to_image)["ir10"] == 100.0
+    text_to_image = [0, 0, 1, 1, 2, 2, 3, 3]
+    # Recall@1 against an oracle that ranks by hand, with BLIP's rule written out pair by pair
+    # (k_test=100 re-scores every pair; a smaller k_test leaves the rest at OUTSIDE_TOP_K). The
+    # random tiny BLIP gives every random image nearly the same features, so the ITC scores are
+    # spread by hand: the two directions' candidate sets then differ, as on real data.
+    spread = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    outcomes = set()
+    for k_test in (1, 2, 3, 100):
+        recalls = recall_from_scores(rerank_similarity(model, images, captions, spread, k_test=k_test), torch.tensor(text_to_image))
+        expected = _oracle_recall(spread, all_pairs, text_to_image, k_test)
+        assert {key: recalls[key] for key in expected} == pytest.approx(expected)
+        outcomes.add(tuple(expected.values()))
+    assert len(outcomes) > 1  # k_test changes the answer here, so the comparison tells candidate rules apart
+
+
+def _oracle_recall(similarity, itm, text_to_image, k_test) -> dict[str, float]:
+    """TR@1/5 and IR@1/5 ranked by hand with BLIP's rule, pair by pair: inside a query's ITC top-k_test
+    the score is ITC + ITM, outside it OUTSIDE_TOP_K; a ground truth outside is a miss; a tie is a miss."""
+    num_images, num_texts = similarity.shape
+
+    def rank(scores: dict[int, float], own: float, wrong) -> float:
+        return float("inf") if own <= OUTSIDE_TOP_K else sum(1 for j in wrong if scores[j] >= own)
+
+    image_ranks, caption_ranks = [], []
+    for image in range(num_images):
+        top = set(similarity[image].topk(min(k_test, num_texts)).indices.tolist())
+        scores = {t: float(similarity[image, t] + itm[image, t]) if t in top else OUTSIDE_TOP_K for t in range(num_texts)}
+        best_own = max(scores[t] for t in scores if text_to_image[t] == image)
+        image_ranks.append(rank(scores, best_own, [t for t in scores if text_to_image[t] != image]))
+    for caption in range(num_texts):
+        top = set(similarity[:, caption].topk(min(k_test, num_images)).indices.tolist())
+        scores = {i: float(similarity[i, caption] + itm[i, caption]) if i in top else OUTSIDE_TOP_K for i in range(num_images)}
+        own = text_to_image[caption]
+        caption_ranks.append(rank(scores, scores[own], [i for i in scores if i != own]))
+    return {f"{side}{k}": 100.0 * sum(r < k for r in ranks) / len(ranks)
+            for side, ranks in (("tr", image_ranks), ("ir", caption_ranks)) for k in (1, 5)}
 
 
 def test_blip_captioner_generates_one_caption_per_image_from_its_trainable_vit(model_files):

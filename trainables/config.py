@@ -36,6 +36,13 @@ class NeighbourMode(str, Enum):
     TRAJECTORY = "trajectory"  # authors' code: the last N iterates of the inner PGD
 
 
+class InnerNeighbourhood(str, Enum):
+    """Where the inner PGD evaluates Eq. 5's objective at each step."""
+
+    ZERO = "zero"  # r = 0: the current iterate alone, as the authors' code does (default: one forward per step)
+    NEIGHBOURS = "neighbours"  # Eq. 5 as written: over N neighbours x' + r_i, r_i ~ U[-beta*eps, beta*eps], redrawn each step
+
+
 class EmbeddingSpace(str, Enum):
     RAW = "raw"  # distances on the encoder's raw outputs (paper's equations, FARE)
     NORMALIZED = "normalized"  # distances on L2-normalised embeddings (authors' code)
@@ -93,6 +100,8 @@ class TrainConfig(BaseModel):
     M: int = Field(5, ge=1)  # captions per image
     beta: float = Field(1.5, gt=0)  # neighbour radius = beta * eps (authors pass 3/2)
     neighbours: NeighbourMode = NeighbourMode.UNIFORM
+    inner_neighbourhood: InnerNeighbourhood = InnerNeighbourhood.ZERO  # Eq. 5 at r = 0 (code) or over N neighbours (paper)
+    mava_random_start: bool = True  # MAVA's inner PGD starts at a uniform point of the eps-ball; the authors' code: none (false)
     embedding_space: EmbeddingSpace = EmbeddingSpace.RAW
     cms_form: CmsForm = CmsForm.ONE_MINUS_COS
     sca_half: bool = True  # paper Eq. 4's 0.5; the authors' code omits it
@@ -102,6 +111,9 @@ class TrainConfig(BaseModel):
     eval_attacks: tuple[str, ...] = ("pgd",)
     eval_eps: tuple[float, ...] = (2 / 255, 4 / 255)
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
+    # A model with an ITM head (model.itm_scoring: BLIP, ALBEF, TCL) is evaluated by re-scoring each image's and
+    # each caption's top-k_test ITC candidates with it (papers: 128 on Flickr30k, 256 on COCO); others by cosine.
+    k_test: int = Field(128, ge=1)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:N
     # Speed options for CUDA GPUs (issue 7, numbers in BENCHMARKS.md). The step's mathematics is unchanged

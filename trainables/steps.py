@@ -17,13 +17,15 @@ batched forward/backward over the N neighbours and the clean image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
 from torch import nn
 
+from trainables.attacks.base import eval_mode
 from trainables.attacks.pgd import PGDSettings, pgd
-from trainables.config import Defense, EmbeddingSpace, NeighbourMode, Precision, TrainConfig
+from trainables.config import Defense, EmbeddingSpace, InnerNeighbourhood, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
@@ -32,8 +34,9 @@ from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_out
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False) -> Encoder:
-    """The encoder an attack differentiates: ``vision`` on *detached* weights (same storage, same values).
+def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool = False,
+                   compile: bool = False) -> Encoder:
+    """The encoder an attack differentiates: ``vision`` on *detached* weights, in eval mode.
 
     An attack needs the gradient with respect to its input only. ``torch.autograd.grad(loss,
     x)`` already skips the weight-gradient kernels in eager mode, but with detached weights
@@ -41,11 +44,22 @@ def attack_encoder(vision: nn.Module, normalize: Callable[[torch.Tensor], torch.
     gradients need, and ``torch.compile`` traces an input-gradient-only backward (a
     compiled backward computes every gradient its graph was traced with). Detaching
     instead of toggling ``requires_grad`` leaves a DDP wrapper's parameter hooks alone.
+
+    Eval mode (issue 14, defect 7): the attack is not training, so it must not update
+    BatchNorm running statistics (ten extra updates per step, from adversarial images) nor
+    sample dropout; each call switches ``vision`` to eval and restores its modes after,
+    outside the compiled region (``compile``), so the compiled graph sees one mode only.
     """
 
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
         weights = {name: parameter.detach() for name, parameter in vision.named_parameters()}
         return torch.func.functional_call(vision, weights, (_layout(normalize(pixels), channels_last),)).float()
+
+    compiled = torch.compile(forward) if compile else forward
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with eval_mode(vision):
+            return compiled(pixels)
 
     return encode
 
@@ -70,10 +84,10 @@ def make_encoders(vision: nn.Module, train_vision: nn.Module, normalize: Callabl
     Args:
         vision: the trainable vision tower; train_vision: the same tower, DDP-wrapped under Ray Train.
     """
-    attack = attack_encoder(vision, normalize, config.channels_last)
+    attack = attack_encoder(vision, normalize, config.channels_last, compile=config.compile)
     train = train_encoder(train_vision, normalize, config.channels_last)
     if config.compile:
-        attack, train = torch.compile(attack), torch.compile(train)
+        train = torch.compile(train)
     return attack, train
 
 
@@ -104,12 +118,19 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
     normalized = config.embedding_space is EmbeddingSpace.NORMALIZED
 
     def inner(x: torch.Tensor) -> torch.Tensor:
-        return mava_inner_loss(attack_encode(x), original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
+        if config.inner_neighbourhood is InnerNeighbourhood.NEIGHBOURS:
+            # Eq. 5 as written: the objective over N fresh neighbours of the iterate (N forwards per step).
+            views = sample_neighbours(x, config.N, config.beta * config.eps, generator)
+            features = attack_encode(views.flatten(0, 1)).view(x.shape[0], config.N, -1)
+        else:
+            features = attack_encode(x)  # r = 0, as the authors' code: one forward per step
+        return mava_inner_loss(features, original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
 
+    settings = dataclasses.replace(pgd_settings(config), random_start=config.mava_random_start)
     if config.neighbours is NeighbourMode.TRAJECTORY:
-        _, neighbours = pgd(inner, images, pgd_settings(config), generator, keep_iterates=config.N)
+        _, neighbours = pgd(inner, images, settings, generator, keep_iterates=config.N)
     else:
-        adversarial = pgd(inner, images, pgd_settings(config), generator)
+        adversarial = pgd(inner, images, settings, generator)
         neighbours = sample_neighbours(adversarial, config.N, config.beta * config.eps, generator)
     batch, count = neighbours.shape[:2]
     # One batched forward over the N neighbours and the clean image (N+1 views per image).

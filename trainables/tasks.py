@@ -36,6 +36,7 @@ class EpochEval:
     eps: tuple[float, ...]
     batch_size: int
     seed: int
+    k_test: int = 128  # ITM re-ranking depth, for models with an ITM head (trainables.evaluation.rerank)
 
 
 # (model, dataset, settings, progress) -> metrics named metric_name(attack, eps, key).
@@ -43,7 +44,8 @@ Evaluator = Callable[[object, Dataset, EpochEval, bool], dict[str, float]]
 
 
 def _evaluate_retrieval(model, dataset: Dataset, settings: EpochEval, progress: bool) -> dict[str, float]:
-    eval_settings = EvalSettings(attacks=settings.attacks, eps=settings.eps, batch_size=settings.batch_size, seed=settings.seed)
+    eval_settings = EvalSettings(attacks=settings.attacks, eps=settings.eps, batch_size=settings.batch_size, seed=settings.seed,
+                                 k_test=settings.k_test)
     return evaluate_retrieval(model, dataset, eval_settings, progress=progress)
 
 

@@ -111,7 +111,8 @@ def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progr
     need attacks crafted on a retrieval surrogate (``python -m platform.evaluate_captions``, Table 8).
     A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN.
     """
-    settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed)
+    settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed,
+                         k_test=config.k_test)
     return task_info(model.tasks[0]).evaluate(model, dataset, settings, progress)
 
 

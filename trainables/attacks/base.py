@@ -24,22 +24,36 @@ class AttackOutput:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule of ``model`` in eval mode, then restore each one's own mode.
+
+    Attacks and evaluation must not update BatchNorm running statistics nor sample
+    dropout (``open_clip:RN50``/``RN101`` have BatchNorm); each module's flag is restored,
+    not just the top one, so a partly frozen model comes back exactly as it was.
+    """
+    was_training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in was_training:
+            module.train(training)
+
+
+@contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Run an attack with the model in eval mode and no parameter gradients, then restore both.
 
     Attacks only need input gradients; restoring ``training`` and ``requires_grad``
     keeps the contract "model weights and train/eval mode unchanged afterwards".
     """
-    was_training = {module: module.training for module in model.modules()}
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        for module, training in was_training.items():
-            module.train(training)
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
 

@@ -79,17 +79,19 @@ def mava_inner_loss(
 ) -> torch.Tensor:
     """Eq. 5, the objective the inner PGD *maximises*, per image.
 
-    During the inner maximisation the neighbourhood is collapsed to the current
-    iterate (r = 0, one view): each PGD step costs one forward/backward, and the
-    N neighbours are drawn once, around the final v', for the outer step.
+    By default (``inner_neighbourhood: zero``, as the authors' code) the neighbourhood is
+    collapsed to the current iterate (r = 0, one view): each PGD step costs one
+    forward/backward, and the N neighbours are drawn once, around the final v', for the
+    outer step. With ``inner_neighbourhood: neighbours`` (Eq. 5 as written) the caller
+    passes the features of N neighbours of the iterate, (B, N, D).
 
     Args:
-        adversarial_features: (B, D) ``F(v')`` at the current iterate.
+        adversarial_features: (B, D) ``F(v')`` at the current iterate, or (B, N, D) of its neighbours.
         caption_features: (B, M, D), or None for a captioner (Eq. 8): the objective is then L_VSSE alone.
         inner_text_distance: add ``||F(v') - mean caption feature||^2``, the extra
             inner term of the authors' code (off by default: not in the paper).
     """
-    views = adversarial_features.unsqueeze(1)
+    views = adversarial_features.unsqueeze(1) if adversarial_features.dim() == 2 else adversarial_features
     loss = vsse_loss(views, original_features, normalized)
     if caption_features is None:
         if inner_text_distance:
@@ -97,7 +99,7 @@ def mava_inner_loss(
         return loss
     loss = cms_loss(views, caption_features, cms_form) + loss
     if inner_text_distance:
-        loss = loss + squared_l2(adversarial_features, caption_features.mean(dim=1), normalized)
+        loss = loss + squared_l2(views.mean(dim=1), caption_features.mean(dim=1), normalized)
     return loss
 
 

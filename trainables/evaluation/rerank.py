@@ -8,7 +8,8 @@ retrieval this way, with k_test = 128 on Flickr30k and 256 on COCO):
 * independently, for each caption, its k_test most similar images get the same sum;
   every other image gets ``OUTSIDE_TOP_K``.
 
-The sum is BLIP's choice; ALBEF's evaluation uses the ITM score alone. The two
+The sum is BLIP's choice (rule ``"itc+itm"``); ALBEF's and TCL's evaluations use the ITM
+score alone (rule ``"itm"``). Each model declares its rule as ``model.itm_scoring``. The two
 directions re-score different candidate sets, so there are two matrices: ``i2t``
 ranks captions per image (TR@K), ``t2i`` ranks images per caption (IR@K).
 """
@@ -20,11 +21,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainables.evaluation.retrieval import KS
-from trainables.names import RECALL_KEYS
+from trainables.evaluation.retrieval import recall_from_ranks, retrieval_ranks
 
 # BLIP and ALBEF fill non-candidates with -100: far below any cosine (>= -1) plus ITM logit.
 OUTSIDE_TOP_K = -100.0
+ITM_RULES = ("itc+itm", "itm")
+
+
+def scoring_label(model, k_test: int) -> str:
+    """How retrieval of ``model`` is scored, recorded with every result: ``itc`` or e.g. ``itc+itm@128``."""
+    rule = model.itm_scoring
+    return "itc" if rule is None else f"{rule}@{k_test}"
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ def itc_similarity(image_features: torch.Tensor, text_features: torch.Tensor) ->
 
 @torch.no_grad()
 def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], similarity: torch.Tensor, k_test: int,
-                      batch_size: int = 32) -> RerankedScores:
+                      batch_size: int = 32, rule: str = "itc+itm") -> RerankedScores:
     """Re-score each image's and each caption's top-k_test candidates with ``model``'s ITM head.
 
     Args:
@@ -57,7 +64,11 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
         captions_flat: the T captions, column order of ``similarity``.
         similarity: (I, T) ITC similarities, e.g. from :func:`itc_similarity`.
         k_test: candidates re-scored per image and per caption (capped at T and I).
+        rule: ``"itc+itm"`` (BLIP: ITC cosine + ITM logit) or ``"itm"`` (ALBEF/TCL: ITM logit alone).
     """
+    if rule not in ITM_RULES:
+        raise ValueError(f"unknown ITM scoring rule {rule!r}: use one of {', '.join(ITM_RULES)}")
+    with_itc = rule == "itc+itm"
     num_images, num_texts = similarity.shape
     if images.shape[0] != num_images or len(captions_flat) != num_texts:
         raise ValueError(f"similarity is {tuple(similarity.shape)} but there are {images.shape[0]} images and {len(captions_flat)} captions")
@@ -73,35 +84,27 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
     for image in range(num_images):
         top_similarity, top = similarity[image].topk(k)
         logits = model.itm_pair_logits(tokens[image:image + 1].expand(k, -1, -1), [captions_flat[t] for t in top.tolist()])
-        i2t[image, top] = logits.float().cpu() + top_similarity
+        i2t[image, top] = logits.float().cpu() + (top_similarity if with_itc else 0.0)
 
     t2i = torch.full((num_images, num_texts), OUTSIDE_TOP_K)
     k = min(k_test, num_images)
     for text in range(num_texts):
         top_similarity, top = similarity[:, text].topk(k)
         logits = model.itm_pair_logits(tokens[top.to(device)], [captions_flat[text]] * k)
-        t2i[top, text] = logits.float().cpu() + top_similarity
+        t2i[top, text] = logits.float().cpu() + (top_similarity if with_itc else 0.0)
     return RerankedScores(i2t=i2t, t2i=t2i)
 
 
 def recall_from_scores(scores: RerankedScores, text_to_image: torch.Tensor) -> dict[str, float]:
     """TR@1/5/10 and IR@1/5/10 in percent from re-ranked scores (same definitions as ``recall_at_k``).
 
-    A ground truth left outside the top-k_test counts as a miss at every K, also for
-    K > k_test (its true rank is unknown, only known to be >= k_test).
+    Ranks are pessimistic (a wrong item tied with the ground truth ranks above it) and
+    non-finite scores are refused, as in ``recall_at_k``. A ground truth left outside the
+    top-k_test counts as a miss at every K, also for K > k_test (its true rank is unknown,
+    only known to be >= k_test).
     """
-    i2t, t2i = scores.i2t, scores.t2i
-    num_images, num_texts = i2t.shape
-    is_ground_truth = text_to_image.unsqueeze(0) == torch.arange(num_images).unsqueeze(1)  # (I, T)
-    best_gt_score = torch.where(is_ground_truth, i2t, torch.full_like(i2t, float("-inf"))).max(dim=1).values
-    best_gt_rank = (i2t > best_gt_score.unsqueeze(1)).sum(dim=1)
+    image_ranks, caption_ranks, best_gt_score, gt_image_score = retrieval_ranks(scores.t2i, text_to_image, i2t=scores.i2t)
     never = torch.iinfo(torch.long).max  # a rank no K reaches
-    best_gt_rank[best_gt_score <= OUTSIDE_TOP_K] = never  # never re-scored: a miss
-    gt_image_score = t2i[text_to_image, torch.arange(num_texts)]
-    image_rank = (t2i > gt_image_score.unsqueeze(0)).sum(dim=0)
-    image_rank[gt_image_score <= OUTSIDE_TOP_K] = never
-    metrics = {}
-    for k in KS:
-        metrics[f"tr{k}"] = 100.0 * (best_gt_rank < k).float().mean().item()
-        metrics[f"ir{k}"] = 100.0 * (image_rank < k).float().mean().item()
-    return {key: metrics[key] for key in RECALL_KEYS}
+    image_ranks[best_gt_score <= OUTSIDE_TOP_K] = never  # never re-scored: a miss
+    caption_ranks[gt_image_score <= OUTSIDE_TOP_K] = never
+    return recall_from_ranks(image_ranks, caption_ranks)

@@ -12,6 +12,7 @@ rows with each other; ``docs/attacks.md`` explains every warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ from tqdm import tqdm
 
 from trainables.attacks import TEXT_ATTACKS, get_attack
 from trainables.attacks.apgd import apgd_retrieval_attack
-from trainables.attacks.base import caption_centroids, frozen_eval, retrieval_loss
+from trainables.attacks.base import caption_centroids, eval_mode, frozen_eval, retrieval_loss
 from trainables.attacks.pgd_retrieval import pgd_retrieval_attack
 from trainables.data.items import collate
-from trainables.evaluation.retrieval import recall_at_k
+from trainables.evaluation.rerank import itc_similarity, recall_from_scores, rerank_similarity, scoring_label
+from trainables.evaluation.retrieval import check_not_collapsed, recall_at_k
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
 from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 
@@ -33,7 +35,9 @@ from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 class EvalSettings:
     """Which attacks at which eps (pixel units in [0, 1]); batch size; image cap; seed;
     text_candidates: a local masked-LM directory for the text attacks' word candidates
-    (None = the offline source: character edits + the victim's token-embedding neighbours)."""
+    (None = the offline source: character edits + the victim's token-embedding neighbours);
+    k_test: candidates an ITM head re-scores per image and per caption, for a model that has one
+    (``model.itm_scoring``; the papers use 128 on Flickr30k, 256 on COCO)."""
 
     attacks: tuple[str, ...] = ("pgd",)
     eps: tuple[float, ...] = (2 / 255, 4 / 255)
@@ -41,6 +45,7 @@ class EvalSettings:
     max_images: int | None = None
     seed: int = 0
     text_candidates: str | None = None
+    k_test: int = 128
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class RetrievalRow:
         text_source: where a text attack's words came from (None: texts untouched).
         images, captions: how many were scored (the recall's denominators).
         warnings: honesty-check warnings that concern this row.
+        scoring: ``itc`` (cosine) or the ITM re-ranking that scored it, e.g. ``itc+itm@128``.
     """
 
     attack: str
@@ -64,12 +70,13 @@ class RetrievalRow:
     images: int
     captions: int
     warnings: tuple[str, ...] = ()
+    scoring: str = "itc"
 
     def to_json(self) -> dict:
         return {"attack": self.attack, "eps": None if self.eps is None else eps_fraction(self.eps),
                 **{key: self.recalls[key] for key in RECALL_KEYS}, "threat": self.threat,
                 "text_source": self.text_source, "images": self.images, "captions": self.captions,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "scoring": self.scoring}
 
 
 def threat_label(surrogate) -> str:
@@ -93,11 +100,20 @@ def _text_candidates(settings: EvalSettings, device: torch.device):
 def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=None, progress: bool = False) -> list[RetrievalRow]:
     """One :class:`RetrievalRow` for clean and for each attack × eps, in that order.
 
+    The model (and surrogate) run in eval mode throughout, their modes restored after: the
+    training loop evaluates between train-mode steps, and BatchNorm statistics or dropout
+    must neither change nor randomise what is scored.
+
     Args:
         model: the evaluated (target) model.
         dataset: yields ImageCaptionItem (all captions of each image are used).
         surrogate: craft attacks on this model instead (transfer setting), or None (white-box).
     """
+    with eval_mode(model), (eval_mode(surrogate) if surrogate is not None else contextlib.nullcontext()):
+        return _evaluate_retrieval_rows(model, dataset, settings, surrogate, progress)
+
+
+def _evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate, progress: bool) -> list[RetrievalRow]:
     if settings.max_images is not None and len(dataset) > settings.max_images:
         dataset = Subset(dataset, range(settings.max_images))
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
@@ -106,6 +122,8 @@ def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=No
     candidates = _text_candidates(settings, device)
     runs = [(CLEAN, None)] + [(attack, eps) for attack in settings.attacks for eps in settings.eps]
     image_features: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
+    # ITM re-ranking reads the (adversarial) images again, so they are kept, on the CPU, only then.
+    kept_images: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
     captions_by_run: dict[tuple, list[str]] = {run: [] for run in runs}
     text_sources: dict[tuple, set[str]] = {run: set() for run in runs}
     text_to_image: list[int] = []
@@ -133,21 +151,32 @@ def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=No
             # The target is only ever scored, never differentiated (transfer uses the surrogate's gradients only).
             with torch.no_grad():
                 image_features[run].append(model.encode_image(adversarial_images).float().cpu())
+            if model.itm_scoring is not None:
+                kept_images[run].append(adversarial_images.detach().cpu())
             captions_by_run[run].extend(caption for group in adversarial_captions for caption in group)
             bar.update(1)
     bar.close()
     text_to_image_tensor = torch.tensor(text_to_image)
     clean_text_features = _embed_texts(model, captions_by_run[(CLEAN, None)], settings.batch_size).float().cpu()
     threat = threat_label(surrogate)
+    scoring = scoring_label(model, settings.k_test)
+    # A collapsed encoder has no meaningful recall (only tie-breaking): refuse it with the reason, so a
+    # training trial fails instead of reporting a number (NaN features are refused by recall_at_k).
+    check_not_collapsed(torch.cat(image_features[(CLEAN, None)]), f"clean image features of {model.spec}")
     rows = []
     for run in runs:
         attack_name, eps = run
         same_texts = captions_by_run[run] == captions_by_run[(CLEAN, None)]
         text_features = clean_text_features if same_texts else _embed_texts(model, captions_by_run[run], settings.batch_size).float().cpu()
-        recalls = recall_at_k(torch.cat(image_features[run]), text_features, text_to_image_tensor)
+        features = torch.cat(image_features[run])
+        recalls = recall_at_k(features, text_features, text_to_image_tensor)
+        if model.itm_scoring is not None:  # the model's own retrieval scoring: ITC top-k_test re-scored by ITM
+            reranked = rerank_similarity(model, torch.cat(kept_images[run]), captions_by_run[run],
+                                         itc_similarity(features, text_features), settings.k_test, rule=model.itm_scoring)
+            recalls = recall_from_scores(reranked, text_to_image_tensor)
         rows.append(RetrievalRow(attack=attack_name, eps=eps, recalls=recalls, threat="none" if attack_name == CLEAN else threat,
                                  text_source=", ".join(sorted(text_sources[run])) or None,
-                                 images=image_offset, captions=len(text_to_image)))
+                                 images=image_offset, captions=len(text_to_image), scoring=scoring))
     return rows
 
 

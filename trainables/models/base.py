@@ -38,6 +38,9 @@ class VLPModel(nn.Module, ABC):
     family: str
     tasks: tuple[Task, ...] = (Task.RETRIEVAL,)
     has_text_encoder: bool = True  # False for captioning models: MAVA then uses Eq. 8 (a = 0)
+    # How retrieval is scored with an ITM head (trainables.evaluation.rerank): None = ITC cosine only;
+    # "itc+itm" = the top-k_test re-scored by ITC + ITM logit (BLIP); "itm" = by the ITM logit alone (ALBEF, TCL).
+    itm_scoring: str | None = None
 
     def __init__(self, vision: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()

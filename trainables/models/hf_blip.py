@@ -63,6 +63,7 @@ class BlipRetrievalVLP(VLPModel):
 
     family = "blip"
     has_text_encoder = True
+    itm_scoring = "itc+itm"  # BLIP's train_retrieval.py: ITC cosine + ITM match logit on the top-k_test
 
     def __init__(self, blip: BlipForImageTextRetrieval, tokenizer: PreTrainedTokenizerBase, mean, std, spec: str):
         vision = BlipVision(blip.vision_model, blip.vision_proj)
