@@ -120,7 +120,8 @@ def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progr
     """
     batch_size = max(config.batch_size, 64)
     if model.has_text_encoder:
-        settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=batch_size, seed=config.seed)
+        settings = EvalSettings(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=batch_size, seed=config.seed,
+                                text_candidates=config.word_candidates)
         return evaluate_retrieval(model, dataset, settings, progress=progress)
     settings = CaptionEvalSettings(eps=(), batch_size=batch_size, seed=config.seed)
     return evaluate_captioning(model, dataset, settings=settings, progress=progress).metrics

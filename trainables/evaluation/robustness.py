@@ -31,8 +31,8 @@ from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
 @dataclass(frozen=True)
 class EvalSettings:
     """Which attacks at which eps (pixel units in [0, 1]); batch size; image cap; seed;
-    text_candidates: a local masked-LM directory for the text attacks' word candidates
-    (None = the offline source: character edits + the victim's token-embedding neighbours)."""
+    text_candidates: the text attacks' word source, a spec of trainables.attacks.word_candidates
+    (``tiny-mlm``, ``mlm:/abs/folder``, ``offline``; None = offline)."""
 
     attacks: tuple[str, ...] = ("pgd",)
     eps: tuple[float, ...] = (2 / 255, 4 / 255)
@@ -80,13 +80,13 @@ def _embed_texts(model, captions: list[str], batch_size: int) -> torch.Tensor:
         return torch.cat([model.encode_text(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)])
 
 
-def _text_candidates(settings: EvalSettings, device: torch.device):
-    """The masked-LM word source shared by every text attack of the run, or None (offline, per model)."""
-    if settings.text_candidates is None or not any(attack in TEXT_ATTACKS for attack in settings.attacks):
+def _text_candidates(settings: EvalSettings, attacker, device: torch.device):
+    """The word source shared by every text attack of the run, or None (no text attack: nothing to load)."""
+    if not any(attack in TEXT_ATTACKS for attack in settings.attacks):
         return None
-    from trainables.attacks.text_candidates import MaskedLMCandidates  # local: loads transformers
+    from trainables.attacks.word_candidates import OFFLINE, candidate_source  # local: may load transformers
 
-    return MaskedLMCandidates(settings.text_candidates, device=device)
+    return candidate_source(settings.text_candidates or OFFLINE, attacker, device)
 
 
 def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=None, progress: bool = False) -> list[RetrievalRow]:
@@ -102,7 +102,7 @@ def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=No
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
     device = model.pixel_mean.device
     attacker = surrogate if surrogate is not None else model
-    candidates = _text_candidates(settings, device)
+    candidates = _text_candidates(settings, attacker, device)
     runs = [(CLEAN, None)] + [(attack, eps) for attack in settings.attacks for eps in settings.eps]
     image_features: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
     captions_by_run: dict[tuple, list[str]] = {run: [] for run in runs}
