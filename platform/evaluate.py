@@ -24,6 +24,8 @@ import torch
 
 from platform.cli import attack_names, device_name, eps_list, output_file, positive_int, run_cli
 from trainables.attacks import ATTACKS
+from trainables.attacks.word_candidates import (EMBEDDED_MLM, WORD_CANDIDATE_FORMS, check_word_candidates, embedded_mlm_problem,
+                                                mlm_folder)
 from trainables.data import load_dataset, parse_data_spec
 from trainables.device import resolve_device
 from trainables.errors import UserError
@@ -34,6 +36,13 @@ from trainables.models.weights import load_strict, read_state_dict
 from trainables.names import CLEAN, RECALL_KEYS, VISION_FILE
 
 COLUMNS = {"tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10"}
+
+
+def _word_candidates(text: str) -> str:
+    try:
+        return check_word_candidates(text.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per attack batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack's randomness (default 0)")
-    parser.add_argument("--k-test", type=_positive_int, default=128, help="candidates an ITM head (BLIP, ALBEF, TCL) re-scores per image and per caption (default 128, Flickr30k's; COCO: 256)")
-    parser.add_argument("--mlm", help="local masked-LM directory for the text attacks' candidates (default: offline character edits + token-embedding neighbours)")
+    parser.add_argument("--k-test", type=positive_int, default=128, help="candidates an ITM head (BLIP, ALBEF, TCL) re-scores per image and per caption (default 128, Flickr30k's; COCO: 256)")
+    parser.add_argument("--word-candidates", type=_word_candidates, default=EMBEDDED_MLM,
+                        help=f"word source of the text attacks: {WORD_CANDIDATE_FORMS} (default: {EMBEDDED_MLM}, the embedded "
+                             "masked LM, for the synthetic world; see docs/attacks.md)")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
@@ -108,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
     data_spec = parse_data_spec(args.data)
     output = output_file(args.output) if args.output else None
-    if args.mlm and not Path(args.mlm).expanduser().is_dir():
-        raise UserError(f"--mlm {args.mlm} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
+    folder = mlm_folder(args.word_candidates)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
+    mlm_problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
+    if mlm_problem:
+        raise UserError(f"--word-candidates: {mlm_problem}")
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"the surrogate takes {surrogate.image_size} px images but the evaluated model {model.image_size} px: "
                         "use a surrogate with the same input size")
     settings = EvalSettings(attacks=args.attacks, eps=args.eps, batch_size=args.batch_size, max_images=args.max_images,
-                            seed=args.seed, text_candidates=args.mlm, k_test=args.k_test)
+                            seed=args.seed, text_candidates=args.word_candidates, k_test=args.k_test)
     num_images = min(len(dataset), args.max_images or len(dataset))
     threat = "white-box" if surrogate is None else f"transfer from {surrogate.spec}"
     print(f"evaluating {args.model}{' + ' + args.checkpoint if args.checkpoint else ''} on {args.data} "

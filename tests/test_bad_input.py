@@ -332,7 +332,7 @@ CASES = [
      r"cannot write to .*regular-file .*choose a writable folder for --output"),
     ("evaluate-corrupt-image", "evaluate", lambda w: _evaluate(w, data=f"captions-json:{w['corrupt_json']},images={w['images']}"),
      r"image '.*corrupt.png' listed in .*corrupt-image.json could not be decoded.*check the file or remove it"),
-    ("evaluate-mlm-missing", "evaluate", lambda w: _evaluate(w, "--mlm", "/nope/bert"), r"--mlm /nope/bert is not a folder: give a local folder"),
+    ("evaluate-mlm-missing", "evaluate", lambda w: _evaluate(w, "--word-candidates", "mlm:/nope/bert"), r"--word-candidates: /nope/bert is not a folder: give a local folder"),
     ("evaluate-no-captions", "evaluate", lambda w: _evaluate(w, data=f"captions-json:{w['no_captions_json']},images={w['images']}"),
      r"entry 0 of .*no-captions.json has a 'caption' that is neither.*must look like"),
     # ---- python -m platform.finetune ----

@@ -27,7 +27,8 @@ def test_evaluate_runs_end_to_end_and_writes_json_rows(tmp_path, pretrained_tiny
     output = tmp_path / "results.json"
     attacks = ["pgd", "apgd", "co-attack", "sga", "vlp-attack"]
     result = run_evaluate("--model", "tiny-clip", "--data", "synthetic:test,n=8", "--attacks", ",".join(attacks),
-                          "--eps", "2/255,4/255", "--output", str(output), "--no-progress")
+                          "--eps", "2/255,4/255", "--output", str(output), "--no-progress",
+                          "--word-candidates", "offline")  # the embedded MLM's path is tested in test_mlm.py
     assert result.returncode == 0, result.stderr
     rows = json.loads(output.read_text())
     assert [(row["attack"], row["eps"]) for row in rows] == [("clean", None)] + [(a, e) for a in attacks for e in ("2/255", "4/255")]

@@ -15,6 +15,7 @@ from fractions import Fraction
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.attacks import ATTACKS
+from trainables.attacks.word_candidates import check_word_candidates, embedded_mlm_problem
 from trainables.defenses.mava import CmsForm
 from trainables.errors import UserError
 from trainables.models import is_captioner_spec
@@ -110,6 +111,10 @@ class TrainConfig(BaseModel):
     # clean caption metrics (BLEU, METEOR, ROUGE-L, CIDEr), so eval_attacks must be empty there.
     eval_attacks: tuple[str, ...] = ("pgd",)
     eval_eps: tuple[float, ...] = (2 / 255, 4 / 255)
+    # Word source of the text attacks in eval_attacks (sga, co-attack, vlp-attack; recorded in every
+    # row's text_source): tiny-mlm (embedded MLM), mlm:/abs/folder (e.g. bert-base-uncased) or offline
+    # (character edits + token-embedding neighbours); see trainables.attacks.word_candidates.
+    word_candidates: str = "tiny-mlm"
     eval_every: int = Field(1, ge=0)  # epochs between evaluations; 0 = only after the last epoch
     # A model with an ITM head (model.itm_scoring: BLIP, ALBEF, TCL) is evaluated by re-scoring each image's and
     # each caption's top-k_test ITC candidates with it (papers: 128 on Flickr30k, 256 on COCO); others by cosine.
@@ -158,6 +163,11 @@ class TrainConfig(BaseModel):
         values = value if isinstance(value, (list, tuple)) else [value]
         return tuple(parse_eps(v) for v in values)
 
+    @field_validator("word_candidates")
+    @classmethod
+    def _word_candidates(cls, value: str) -> str:
+        return check_word_candidates(value)
+
     @field_validator("pgd_step_size", mode="before")
     @classmethod
     def _step(cls, value: object) -> float:
@@ -167,6 +177,9 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.defense is Defense.MAVA and self.a == self.b == self.c == 0:
             raise ValueError("a, b and c are all 0: the MAVA loss would be zero; set at least one > 0")
+        mlm_problem = embedded_mlm_problem(self.word_candidates, self.eval_data, self.eval_attacks)
+        if mlm_problem:
+            raise ValueError(mlm_problem)
         problems = captioner_problems(self) if is_captioner_spec(self.model) else []
         if problems:
             raise ValueError(f"model {self.model!r} is a captioning model (no text encoder): " + "; ".join(problems))

@@ -37,6 +37,7 @@ class EpochEval:
     batch_size: int
     seed: int
     k_test: int = 128  # ITM re-ranking depth, for models with an ITM head (trainables.evaluation.rerank)
+    word_candidates: str | None = None  # the text attacks' word source (trainables.attacks.word_candidates); None = offline
 
 
 # (model, dataset, settings, progress) -> metrics named metric_name(attack, eps, key).
@@ -45,7 +46,7 @@ Evaluator = Callable[[object, Dataset, EpochEval, bool], dict[str, float]]
 
 def _evaluate_retrieval(model, dataset: Dataset, settings: EpochEval, progress: bool) -> dict[str, float]:
     eval_settings = EvalSettings(attacks=settings.attacks, eps=settings.eps, batch_size=settings.batch_size, seed=settings.seed,
-                                 k_test=settings.k_test)
+                                 k_test=settings.k_test, text_candidates=settings.word_candidates)
     return evaluate_retrieval(model, dataset, eval_settings, progress=progress)
 
 

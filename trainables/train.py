@@ -112,7 +112,7 @@ def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progr
     A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN.
     """
     settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed,
-                         k_test=config.k_test)
+                         k_test=config.k_test, word_candidates=config.word_candidates)
     return task_info(model.tasks[0]).evaluate(model, dataset, settings, progress)
 
 

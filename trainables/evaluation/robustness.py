@@ -34,8 +34,8 @@ from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 @dataclass(frozen=True)
 class EvalSettings:
     """Which attacks at which eps (pixel units in [0, 1]); batch size; image cap; seed;
-    text_candidates: a local masked-LM directory for the text attacks' word candidates
-    (None = the offline source: character edits + the victim's token-embedding neighbours);
+    text_candidates: the text attacks' word source, a spec of trainables.attacks.word_candidates
+    (``tiny-mlm``, ``mlm:/abs/folder``, ``offline``; None = offline);
     k_test: candidates an ITM head re-scores per image and per caption, for a model that has one
     (``model.itm_scoring``; the papers use 128 on Flickr30k, 256 on COCO)."""
 
@@ -88,13 +88,13 @@ def _embed_texts(model, captions: list[str], batch_size: int) -> torch.Tensor:
         return torch.cat([model.encode_text(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)])
 
 
-def _text_candidates(settings: EvalSettings, device: torch.device):
-    """The masked-LM word source shared by every text attack of the run, or None (offline, per model)."""
-    if settings.text_candidates is None or not any(attack in TEXT_ATTACKS for attack in settings.attacks):
+def _text_candidates(settings: EvalSettings, attacker, device: torch.device):
+    """The word source shared by every text attack of the run, or None (no text attack: nothing to load)."""
+    if not any(attack in TEXT_ATTACKS for attack in settings.attacks):
         return None
-    from trainables.attacks.text_candidates import MaskedLMCandidates  # local: loads transformers
+    from trainables.attacks.word_candidates import OFFLINE, candidate_source  # local: may load transformers
 
-    return MaskedLMCandidates(settings.text_candidates, device=device)
+    return candidate_source(settings.text_candidates or OFFLINE, attacker, device)
 
 
 def evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate=None, progress: bool = False) -> list[RetrievalRow]:
@@ -119,7 +119,7 @@ def _evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate, 
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
     device = model.pixel_mean.device
     attacker = surrogate if surrogate is not None else model
-    candidates = _text_candidates(settings, device)
+    candidates = _text_candidates(settings, attacker, device)
     runs = [(CLEAN, None)] + [(attack, eps) for attack in settings.attacks for eps in settings.eps]
     image_features: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
     # ITM re-ranking reads the (adversarial) images again, so they are kept, on the CPU, only then.
