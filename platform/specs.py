@@ -9,10 +9,16 @@ parse back to the same values wherever they run.
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from trainables.data import DataSpec, parse_data_spec
+from trainables.attacks import TEXT_ATTACKS
+from trainables.attacks.word_candidates import EMBEDDED_MLM, MLM_PREFIX
 from trainables.models.embedded import ResolvedModel, base_weights_store, resolve_model
 
 
@@ -23,13 +29,41 @@ class PinnedSpecs:
     model: ResolvedModel
     train_data: DataSpec
     eval_data: DataSpec
+    word_candidates: str | None = None  # the text attacks' word source as workers load it; None: the trial's own option
 
     def worker_options(self) -> dict[str, str]:
         """The training options that replace the user's spellings on the workers: canonical spec strings."""
-        return {"model": str(self.model.spec), "train_data": str(self.train_data), "eval_data": str(self.eval_data)}
+        options = {"model": str(self.model.spec), "train_data": str(self.train_data), "eval_data": str(self.eval_data)}
+        return options if self.word_candidates is None else {**options, "word_candidates": self.word_candidates}
 
 
-def pin_specs(options: Mapping[str, Any], storage_path: str) -> PinnedSpecs:
-    """Parse ``options``' model and data specs once; an embedded model is pinned under ``storage_path`` (pretrained here if needed)."""
-    return PinnedSpecs(model=resolve_model(options["model"], base_weights_store(storage_path)),
-                       train_data=parse_data_spec(options["train_data"]), eval_data=parse_data_spec(options["eval_data"]))
+def pin_specs(options: Mapping[str, Any], storage_path: str, searched: Collection[str] = ()) -> PinnedSpecs:
+    """Parse ``options``' model and data specs once; embedded models are pinned under ``storage_path`` (pretrained here if needed)."""
+    store = base_weights_store(storage_path)
+    word_candidates = None if "word_candidates" in searched else pin_word_candidates(options, store)
+    return PinnedSpecs(model=resolve_model(options["model"], store), train_data=parse_data_spec(options["train_data"]),
+                       eval_data=parse_data_spec(options["eval_data"]), word_candidates=word_candidates)
+
+
+def pin_word_candidates(options: Mapping[str, Any], store: Path | None) -> str | None:
+    """The embedded MLM as ``mlm:<folder>`` when the per-epoch text attacks use it, else None.
+
+    Like tiny-clip, it is pretrained here in the driver (once per machine, cached) and copied
+    under the sweep's storage, so that no worker on any node pretrains its own copy. The
+    folder's name carries its content key (config and corpus), so a copy is never stale.
+    """
+    if options.get("word_candidates") != EMBEDDED_MLM or not TEXT_ATTACKS & set(options.get("eval_attacks", ())):
+        return None
+    from trainables.models.tiny_mlm import ensure_tiny_mlm  # local: loads transformers' BERT only when needed
+
+    folder = ensure_tiny_mlm()
+    if store is not None:
+        target = store / folder.name
+        if not target.is_dir():
+            store.mkdir(parents=True, exist_ok=True)
+            partial = store / f"{folder.name}.partial-{os.getpid()}"
+            shutil.copytree(folder, partial, dirs_exist_ok=True)
+            os.replace(partial, target)
+        folder = target
+    return f"{MLM_PREFIX}{folder}"
+

@@ -61,7 +61,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
         stop_leftovers(state_folder(locations.storage_path, sweep_id))
     # Once, in the driver: specs parsed to canonical form; an embedded model pretrained here if needed and pinned to
     # a content-addressed file under the storage folder, which every worker on every node loads (none pretrains).
-    pinned = pin_specs(spec.fixed_options(), locations.storage_path)
+    pinned = pin_specs(spec.fixed_options(), locations.storage_path, searched=spec.space)
     check_model_loads(pinned.model.spec)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)

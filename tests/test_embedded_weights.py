@@ -180,3 +180,29 @@ def test_two_workers_on_two_nodes_load_the_same_bytes_and_never_pretrain(pinned,
 
 if __name__ == "__main__":
     print(json.dumps(_load_on_two_nodes(sys.argv[1], sys.argv[2], sys.argv[3])))
+
+
+@pytest.mark.parametrize("attacks, searched, pinned_to_store", [
+    (("pgd", "sga"), (), True),  # a text attack uses the embedded MLM: pinned
+    (("pgd",), (), False),  # no text attack: nothing to pin
+    (("co-attack",), ("word_candidates",), False),  # searched: each trial's own value stands
+])
+def test_the_embedded_mlm_is_pretrained_in_the_driver_and_pinned_for_the_workers(attacks, searched, pinned_to_store,
+                                                                                  tmp_path, monkeypatch):
+    from platform.specs import pin_specs
+    from trainables.models import tiny_mlm
+
+    cached = tmp_path / "cache" / "tiny-mlm-0123456789ab"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(tiny_mlm, "ensure_tiny_mlm", lambda: calls.append(1) or cached)
+    options = {"model": "tiny-clip@/w.safetensors", "train_data": "synthetic:train,n=8", "eval_data": "synthetic:test,n=4",
+               "eval_attacks": list(attacks), "word_candidates": "tiny-mlm"}
+    monkeypatch.setattr("platform.specs.resolve_model", lambda spec, store: SimpleNamespace(spec=spec))
+    workers = pin_specs(options, str(tmp_path / "storage"), searched=searched).worker_options()
+    if pinned_to_store:
+        copy = tmp_path / "storage" / embedded.BASE_WEIGHTS_DIR / cached.name
+        assert workers["word_candidates"] == f"mlm:{copy}" and (copy / "config.json").is_file() and calls == [1]
+    else:
+        assert "word_candidates" not in workers and calls == []
