@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from platform.cli import check_writable
 from platform.sweep_spec import SweepSpec
+from trainables.attacks.word_candidates import mlm_folder
 from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
 from trainables.models import load_model, model_kind, parse_model_spec
@@ -131,6 +132,11 @@ def check_specs(spec: SweepSpec) -> None:
     parse_model_spec(spec.experiment.model)
     for data in (spec.experiment.train_data, spec.experiment.eval_data):
         parse_data_spec(data)
+    for source in spec.candidate_values("word_candidates"):
+        folder = mlm_folder(source)
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"word_candidates {source!r}: {folder} is not a folder: give a local folder holding a Hugging Face "
+                            "masked LM and its tokenizer (e.g. bert-base-uncased saved with save_pretrained), or offline")
 
 
 def check_inputs(spec: SweepSpec) -> None:

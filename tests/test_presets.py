@@ -21,7 +21,7 @@ EMBEDDED = [path for path in SWEEP_FILES if path not in PAPER_PRESETS]  # run on
 
 def test_there_is_a_paper_preset_per_real_model_kind():
     models = {load_sweep_spec(path).experiment.model.split(":")[0] for path in PAPER_PRESETS}
-    assert {"open_clip", "hf-clip", "hf-blip-itr", "hf-blip-cap"} <= models
+    assert {"open_clip", "hf-clip", "hf-blip-itr", "hf-blip-cap", "albef", "tcl"} <= models
     assert {path.name for path in EMBEDDED} >= {"abc.yaml", "baselines-tiny.yaml"}
 
 
@@ -108,11 +108,14 @@ def test_check_on_a_paper_preset_names_the_local_path_to_set(path, tmp_path, cap
 
 
 def test_check_on_a_paper_preset_with_its_model_replaced_reaches_the_data(tmp_path, capfd, nothing_starts):
-    # Model and resources fitted to this machine, the next missing placeholder is the annotation file:
+    # Model, word source and resources fitted to this machine, the next missing placeholder is the annotation file:
     # --check names each problem in turn, the paths first.
     path = REPO_ROOT / "search_spaces" / "paper-clip-vitb16.yaml"
     code, printed = run_check(path, tmp_path, capfd, "--set", "experiment.model=tiny-clip")
+    assert code == EXIT_USER_ERROR and "/models/bert-base-uncased is not a folder" in printed, printed
+    offline = ("--set", "experiment.model=tiny-clip", "--set", "experiment.word_candidates=offline")
+    code, printed = run_check(path, tmp_path, capfd, *offline)
     assert code == EXIT_USER_ERROR and "a trial needs 4 GPUs" in printed, printed
-    code, printed = run_check(path, tmp_path, capfd, "--set", "experiment.model=tiny-clip", "--set", "resources.gpus_per_worker=0",
+    code, printed = run_check(path, tmp_path, capfd, *offline, "--set", "resources.gpus_per_worker=0",
                               "--set", "resources.workers_per_trial=1", "--set", "resources.cpus_per_worker=1")
     assert code == EXIT_USER_ERROR and "/data/coco/dataset_coco.json does not exist" in printed, printed
