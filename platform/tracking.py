@@ -30,10 +30,10 @@ from trainables.config import TrainConfig
 from trainables.models import model_kind
 from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_PATH_KEY, DEFENSE_TAG,
                               ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG,
-                              PARENT_RUN_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING, SWEEP_TAG,
-                              TASK_TAG, TRIAL_TAG, VISION_FILE, eps_fraction)
+                              PARENT_RUN_TAG, REGISTERED_AS_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING,
+                              SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, EFFECTIVE_BATCH_SIZE, eps_fraction)
+from trainables.errors import UserError
 from trainables.ray_worker import training_options
-from trainables.names import EFFECTIVE_BATCH_SIZE
 from trainables.tasks import task_info
 
 __all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
@@ -285,7 +285,13 @@ def register_best(client: MlflowClient, run_id: str, model_name: str) -> str:
         client.create_registered_model(model_name)
     from platform.registry import log_pyfunc_model  # imports platform.export, which imports this module
 
-    source = log_pyfunc_model(client, run_id)  # an MLflow pyfunc that embeds images (platform/pyfunc_model.py)
+    try:
+        source = log_pyfunc_model(client, run_id)  # an MLflow pyfunc that embeds images (platform/pyfunc_model.py)
+    except UserError as error:
+        # The base model cannot be rebuilt from what the run recorded (e.g. a secret in its weights path was
+        # redacted from the params): register the checkpoint folder (safetensors + card) instead, and say why.
+        client.set_tag(run_id, REGISTERED_AS_TAG, redact_text(f"checkpoint folder, not a pyfunc model: {error}")[:4000])
+        source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}"
     version = client.create_model_version(model_name, source=source, run_id=run_id)
     client.set_registered_model_alias(model_name, "best", version.version)
     return version.version

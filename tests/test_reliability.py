@@ -338,7 +338,8 @@ def test_secrets_in_the_environment_never_reach_params_tags_or_artifacts(nan_swe
         artifacts += [p for p in local.rglob("*") if p.is_file()]
     for version in client.search_model_versions("name = 'nan-trial-robust-vision'"):
         texts += [version.source, json.dumps(version.tags), version.description or ""]
-    assert sorted(p.name for p in artifacts) == ["card.json", VISION_FILE]  # the finished trial's; the NaN trial has none
+    # The finished trial's checkpoint (the NaN trial has none) and the parent run's report: none may hold a secret.
+    assert sorted(p.name for p in artifacts) == ["card.json", "report.html", VISION_FILE]
     everything = "\n".join(texts + [p.read_bytes().decode("latin-1") for p in artifacts])
     for secret in secret_values:
         assert secret not in everything
@@ -563,7 +564,7 @@ def test_epochs_that_missed_mlflow_are_recorded_from_their_checkpoints(tmp_path)
     (storage / "s-train-t1" / "checkpoint_000002").mkdir()  # a marker checkpoint without state.json is skipped
     client = MlflowClient(uri)
     experiment = get_or_create_experiment(client, "gaps", str(tmp_path / "artifacts"))
-    tracker = MlflowTrialTracker(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}, {}), "s", "clip")
+    tracker = MlflowTrialTracker(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}, {}), "s")
     config = TrainConfig(epochs=3).model_dump(mode="json")
     trial = SimpleNamespace(trial_id="t1", config={"train": config, "sweep": {"searched": [], "workers_per_trial": 2, "storage_path": str(storage)}})
     tracker.on_trial_start(0, [], trial)

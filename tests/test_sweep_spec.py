@@ -136,6 +136,9 @@ def test_the_embedded_default_resolves_to_the_same_training_config_as_before():
         "neighbours": "uniform", "embedding_space": "raw", "cms_form": "one_minus_cos", "sca_half": True,
         "inner_text_distance": False, "eval_attacks": ["pgd"], "eval_eps": [2 / 255, 4 / 255], "eval_every": 1, "seed": 0,
         "device": "auto", "precision": "fp32", "compile": False, "channels_last": False,
+        # Options added since, at the defaults that compute what the code computed before: the inner PGD at r = 0
+        # with a random start (as it was); k_test and the word source act only on ITM models and text attacks.
+        "inner_neighbourhood": "zero", "mava_random_start": True, "k_test": 128, "word_candidates": "tiny-mlm",
     }
     # What Tune hands every trial (fixed options under "train") is that config before the searched keys are applied.
     assert spec.fixed_options() == spec.train_config().model_dump(mode="json")
@@ -157,7 +160,7 @@ FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if fiel
 
 
 def test_the_integer_fields_come_from_the_annotations():
-    assert {"seed", "eval_every", "N", "M", "epochs", "pgd_steps", "batch_size"} == set(INT_FIELDS)
+    assert {"seed", "eval_every", "N", "M", "epochs", "pgd_steps", "batch_size", "k_test"} == set(INT_FIELDS)
     assert {"lr", "eps", "a", "b", "c", "beta", "momentum"} <= set(FLOAT_FIELDS)
 
 

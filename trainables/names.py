@@ -43,6 +43,7 @@ DEFENSE_TAG = TAG_PREFIX + "defense"
 EPS_TAG = TAG_PREFIX + "eps"  # training eps as the paper writes it: "4/255"
 FAILURE_TAG = TAG_PREFIX + "failure"  # why a trial failed (e.g. its loss became NaN), on its FAILED child run
 REPORT_ERROR_TAG = TAG_PREFIX + "report_error"  # why the report could not be logged (the sweep's results are unaffected)
+REGISTERED_AS_TAG = TAG_PREFIX + "registered_as"  # on a registered trial whose version is not a pyfunc model: why
 BEST_RUN_TAG = TAG_PREFIX + "best_run_id"  # on the parent run: the registered trial
 FAILED_TRIALS_TAG = TAG_PREFIX + "failed_trials"
 # The sha256 of the base model's weights every worker of a trial loaded (a param and a tag of each trial).
