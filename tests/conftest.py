@@ -117,4 +117,5 @@ def chromium() -> str:
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     # A private profile: concurrent Chromium runs on one machine otherwise fight over the default one.
     command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+    # 300 s: on a busy 2-core machine one MLflow UI page (a React app, 30 s of virtual time) took over 180 s.
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
