@@ -3,7 +3,8 @@
 Claims tested, for every entry of ``ATTACKS``: it lowers TR@1 and IR@1 of the undefended
 tiny CLIP at eps 2/255 and 4/255; its images stay in the eps-ball and in [0, 1]; the
 model's weights, train/eval mode and gradients are untouched; the same seed gives the
-same output. The word-substitution attack changes at most its budget of words and
+same output (these contract tests run on a random tiny CLIP and a random tiny ALBEF, as
+target and as transfer surrogate). The word-substitution attack changes at most its budget of words and
 leaves a caption alone when nothing helps; more PGD/APGD steps never weaken the attack;
 transfer evaluation never differentiates the target; the honesty checks fire on a
 gradient-masked model and stay quiet on an honest one.
@@ -19,6 +20,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from torch import nn
 
+from albef_fakes import write_tiny_albef
+
 from trainables.attacks import ATTACKS, TEXT_ATTACKS, get_attack
 from trainables.attacks.apgd import APGDSettings, apgd, apgd_retrieval_attack, checkpoints
 from trainables.attacks.base import caption_centroids, retrieval_loss
@@ -29,6 +32,7 @@ from trainables.attacks.text_candidates import MaskedLMCandidates, OfflineCandid
 from trainables.errors import UserError
 from trainables.evaluation.robustness import (EvalSettings, RetrievalRow, attach_row_warnings, evaluate_retrieval,
                                               evaluate_retrieval_rows, honesty_checks)
+from trainables.models import load_model
 from trainables.names import metric_name
 
 ALL_ATTACKS = sorted(ATTACKS)
@@ -41,12 +45,26 @@ def _batch(dataset, count: int, start: int = 0):
     return torch.stack([item.image for item in items]), [item.captions for item in items]
 
 
-@pytest.fixture(scope="module")
-def random_model(random_tiny_clip_weights):
-    """A randomly initialised tiny CLIP shared by the property tests (hypothesis needs no per-example fixture)."""
-    from trainables.models import load_model
+# The contract holds for every model family: the attacks reach a model only through
+# ``encode_image``/``encode_text``, so one test body serves the dual encoder and the fusion model.
+# Each kind names the word source its text attacks fall back to offline (ALBEF has no open_clip
+# token embedding, so only character edits).
+MODEL_KINDS = {"tiny-clip": "offline:char+token-embedding", "albef": "offline:char"}
 
-    return load_model(f"tiny-clip@{random_tiny_clip_weights}")
+
+@pytest.fixture(scope="module", params=sorted(MODEL_KINDS))
+def contract_spec(request, random_tiny_clip_weights, tmp_path_factory) -> tuple[str, str]:
+    """(model spec, expected offline word source) of a random tiny model of each kind."""
+    if request.param == "albef":
+        text_dir, checkpoint = write_tiny_albef(tmp_path_factory.mktemp("albef-attacks"))
+        return f"albef:{text_dir}@{checkpoint}", MODEL_KINDS["albef"]
+    return f"tiny-clip@{random_tiny_clip_weights}", MODEL_KINDS["tiny-clip"]
+
+
+@pytest.fixture(scope="module")
+def contract_model(contract_spec):
+    """One model per kind shared by the property tests (hypothesis needs no per-example fixture)."""
+    return load_model(contract_spec[0])
 
 
 # ---- the papers' claim: attacks work on an undefended model --------------------------------
@@ -66,40 +84,42 @@ def test_every_attack_lowers_recall_of_the_undefended_model(name, pretrained_tin
 
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)
-@hypothesis_settings(max_examples=4, deadline=None)
+@hypothesis_settings(max_examples=3, deadline=None)
 @given(eps=st.floats(0.5 / 255, 16 / 255), batch=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_adversarial_images_stay_in_the_eps_ball_and_pixel_range(name, random_model, synthetic_test_set, eps, batch, seed):
+def test_adversarial_images_stay_in_the_eps_ball_and_pixel_range(name, contract_model, contract_spec, synthetic_test_set,
+                                                                 eps, batch, seed):
     images, captions = _batch(synthetic_test_set, batch, start=seed % 50)
-    output = get_attack(name)(random_model, images, captions, eps, torch.Generator().manual_seed(seed), **FAST)
+    output = get_attack(name)(contract_model, images, captions, eps, torch.Generator().manual_seed(seed), **FAST)
     assert output.images.shape == images.shape and output.images.dtype == images.dtype
     assert (output.images - images).abs().max().item() <= eps
     assert output.images.min().item() >= 0.0 and output.images.max().item() <= 1.0
     if name in TEXT_ATTACKS:
         assert [len(group) for group in output.captions] == [len(group) for group in captions]
-        assert output.text_source == "offline:char+token-embedding"
+        assert output.text_source == contract_spec[1]
     else:
         assert output.captions is None and output.text_source is None
 
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)
-def test_attacks_leave_weights_mode_and_gradients_untouched(name, tiny_clip, synthetic_test_set):
-    images, captions = _batch(synthetic_test_set, 4)
-    tiny_clip.train()
-    tiny_clip.vision.requires_grad_(True)  # as during fine-tuning
-    before = {key: value.clone() for key, value in tiny_clip.state_dict().items()}
-    modes = {name_: module.training for name_, module in tiny_clip.named_modules()}
-    flags = {name_: p.requires_grad for name_, p in tiny_clip.named_parameters()}
-    get_attack(name)(tiny_clip, images, captions, 4 / 255, torch.Generator().manual_seed(0), **FAST)
-    assert all(torch.equal(before[key], value) for key, value in tiny_clip.state_dict().items())
-    assert modes == {name_: module.training for name_, module in tiny_clip.named_modules()}
-    assert flags == {name_: p.requires_grad for name_, p in tiny_clip.named_parameters()}
-    assert all(p.grad is None for p in tiny_clip.parameters())
+def test_attacks_leave_weights_mode_and_gradients_untouched(name, contract_spec, synthetic_test_set):
+    model = load_model(contract_spec[0])  # a private copy: the test trains and flags it
+    images, captions = _batch(synthetic_test_set, 3)
+    model.train()
+    model.vision.requires_grad_(True)  # as during fine-tuning
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    modes = {name_: module.training for name_, module in model.named_modules()}
+    flags = {name_: p.requires_grad for name_, p in model.named_parameters()}
+    get_attack(name)(model, images, captions, 4 / 255, torch.Generator().manual_seed(0), **FAST)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert modes == {name_: module.training for name_, module in model.named_modules()}
+    assert flags == {name_: p.requires_grad for name_, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)
-def test_the_same_seed_gives_the_same_attack(name, random_model, synthetic_test_set):
+def test_the_same_seed_gives_the_same_attack(name, contract_model, synthetic_test_set):
     images, captions = _batch(synthetic_test_set, 3)
-    runs = [get_attack(name)(random_model, images, captions, 4 / 255, torch.Generator().manual_seed(seed), **FAST)
+    runs = [get_attack(name)(contract_model, images, captions, 4 / 255, torch.Generator().manual_seed(seed), **FAST)
             for seed in (7, 7, 8)]
     assert torch.equal(runs[0].images, runs[1].images) and runs[0].captions == runs[1].captions
     assert not torch.equal(runs[0].images, runs[2].images)
@@ -249,8 +269,9 @@ def test_sga_scaled_copies_keep_the_image_shape():
 # ---- transfer: only the surrogate's gradients ------------------------------------------------
 
 
-def test_transfer_evaluation_never_differentiates_the_target(tiny_clip, random_model, synthetic_test_set):
-    target = tiny_clip
+def test_transfer_evaluation_never_differentiates_the_target(tiny_clip, contract_model, synthetic_test_set):
+    # Every model kind serves as surrogate: ALBEF is the paper's surrogate of every transfer table.
+    target, surrogate = tiny_clip, contract_model
     target.vision.requires_grad_(True)
     graded_forwards, scored_inputs = [], []
 
@@ -261,16 +282,16 @@ def test_transfer_evaluation_never_differentiates_the_target(tiny_clip, random_m
     hook = target.vision.register_forward_hook(record)
     try:
         rows = evaluate_retrieval_rows(target, synthetic_test_set, EvalSettings(attacks=("pgd", "sga"), eps=(4 / 255,), max_images=6),
-                                       surrogate=random_model)
+                                       surrogate=surrogate)
     finally:
         hook.remove()
     assert graded_forwards and not any(graded_forwards)
     assert all(p.grad is None for p in target.parameters())
-    assert [row.threat for row in rows] == ["none"] + [f"transfer:{random_model.spec}"] * 2
+    assert [row.threat for row in rows] == ["none"] + [f"transfer:{surrogate.spec}"] * 2
     # The images the target scored under "pgd" are the surrogate's PGD images (one batch: clean, pgd, sga
     # in that order; evaluation seeds the pgd run of batch 0 with 1), not PGD crafted on the target.
     images, captions = _batch(synthetic_test_set, 6)
-    on_surrogate = get_attack("pgd")(random_model, images, captions, 4 / 255, torch.Generator().manual_seed(1)).images
+    on_surrogate = get_attack("pgd")(surrogate, images, captions, 4 / 255, torch.Generator().manual_seed(1)).images
     on_target = get_attack("pgd")(target, images, captions, 4 / 255, torch.Generator().manual_seed(1)).images
     assert torch.allclose(scored_inputs[1], target.normalize(on_surrogate), atol=1e-6)
     assert not torch.allclose(scored_inputs[1], target.normalize(on_target), atol=1e-6)

@@ -10,12 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,7 @@ from conftest import REPO_ROOT, run_chromium
 from platform.mlflow_ui import (EXPERIMENT_KIND_TAG, NOTE_TAG, REPORT_ARTIFACT_DIR, REPORT_FILE, SHARED_VIEW_TAG_PREFIX,
                                 TRAINING_KIND, log_report, shared_view_key, sweep_view_url)
 from platform.tracking import ROLE_TAG
+from servers import free_port, stop_group, wait_until_answering
 
 EXPERIMENT, SWEEP, OBJECTIVE = "retrieval", "ret-1", "pgd/eps4/tr1"  # the fake retrieval sweep
 SERVER_START_SECONDS = 300  # `mlflow server` imports MLflow and migrates the store first: a minute or more on a loaded machine
@@ -60,12 +57,6 @@ def test_the_report_is_logged_as_an_artifact_of_the_parent_run(fake_sweeps_store
     assert f"Sweep report: {EXPERIMENT}" in html and all(t.info.run_id in html for t in trials)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(fake_sweeps_store, tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 and a free port over the fake sweeps' store; stopped (its process group) at the end."""
@@ -77,24 +68,10 @@ def mlflow_ui(fake_sweeps_store, tmp_path_factory):
                                   cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            assert server.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                assert time.monotonic() < deadline, f"mlflow server did not answer within {SERVER_START_SECONDS} s:\n{log.read_text()[-3000:]}"
-                time.sleep(2)
+        wait_until_answering(server, f"{url}/health", SERVER_START_SECONDS, log)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # uvicorn and its worker share the group we started
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server)  # uvicorn and its worker share the group we started
 
 
 def strip_svg(dom: str) -> str:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from platform.export import MANIFEST_FILE
 from platform.registry import PYFUNC_CODE
 from platform.tracking import register_best
+from servers import free_port, stop_group, wait_until_answering
 from test_export import write_robust_checkpoint
-from test_mlflow_ui import free_port
 from trainables.checkpoint import VISION_FILE
 from trainables.models import load_model
 from trainables.models.robust_checkpoint import load_robust_vision
@@ -91,27 +89,13 @@ def test_mlflow_models_serve_answers_one_request(registered, tmp_path):
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     batch = images(2, registered["robust"].image_size)
     try:
-        deadline = time.monotonic() + SERVE_START_SECONDS
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                assert time.monotonic() < deadline, f"no answer within {SERVE_START_SECONDS} s:\n{log.read_text()[-3000:]}"
-                time.sleep(2)
+        wait_until_answering(server, f"http://127.0.0.1:{port}/ping", SERVE_START_SECONDS, log)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": batch.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as answer:
             response = json.loads(answer.read())
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_group(server)
     with torch.no_grad():
         expected = registered["robust"].encode_image(torch.from_numpy(batch)).numpy()
     served = np.asarray(response["predictions"], dtype=np.float32)
