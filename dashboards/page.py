@@ -46,9 +46,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80] or "figure"
 
 
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 def figure_html(figure: FigureFile, caption: str = "") -> str:
-    data = base64.b64encode(figure.png).decode("ascii")
-    return (f'<figure id="fig-{escape(figure.name)}"><img alt="{escape(figure.title)}" src="data:image/png;base64,{data}">'
+    return (f'<figure id="fig-{escape(figure.name)}"><img alt="{escape(figure.title)}" src="{data_uri(figure.png)}">'
             f"<figcaption>{escape(caption or figure.title)} (<code>{escape(figure.name)}.png</code>)</figcaption></figure>")
 
 

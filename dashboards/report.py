@@ -5,7 +5,8 @@ attack × eps TR@1/IR@1, a captioner's BLEU-4/METEOR/ROUGE-L/CIDEr, best per col
 in bold), the clean-vs-robust trade-off with its Pareto front, Optuna's
 hyperparameter importances and a scatter of every searched param against the
 objective (robust recall; a captioner sweep's own, ``clean/cider``), a table of
-every trial (MLflow run id, checkpoint artifact) and each trial's per-epoch
+every trial (MLflow run id, checkpoint artifact), each group's best trial's
+adversarial-example pictures (its ``examples/`` artifact) and each trial's per-epoch
 learning curves. Figures are embedded (base64 PNG) and also written beside the
 page, in ``<out>_files/``. Reads MLflow only; never recomputes a metric.
 """
@@ -25,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dashboards import figures, page
+from dashboards.examples_section import examples_section
 from dashboards.page import FigureFile
 from dashboards.importance import EVALUATORS, sweep_importances
 from dashboards.records import (CLEAN_TR1, ExperimentRecords, Trial, curve_metrics, default_objective, load_records,
@@ -112,11 +114,16 @@ def build_report(client: MlflowClient, experiment: str, tracking_uri: str, out: 
         made.append(FigureFile(name, title, figures.png_bytes(figure)))
         return page.figure_html(made[-1])
 
+    def embed(name: str, png: bytes) -> str:  # a picture a trial logged, not drawn here
+        made.append(FigureFile(name, name, png))
+        return page.data_uri(png)
+
     finished = records.finished()
     sections = [("table", "Paper-style table", paper_section(client, records, robust))]
     sections.append(("tradeoff", "Clean vs robust trade-off", _tradeoff_section(finished, robust, add)))
     sections.append(("params", "Hyperparameters", _params_section(records, robust, evaluator, add)))
     sections.append(("trials", "Trials", trials_section(records, robust)))
+    sections.append(("examples", "Adversarial examples", examples_section(client, records, robust, embed)))
     curves = []
     for trial in records.trials:
         losses, evals = curve_metrics(set(trial.history))

@@ -262,6 +262,17 @@ def test_the_paper_table_shows_mlflow_values_and_bolds_the_best_of_each_column(r
 
 
 @pytest.mark.slow
+def test_the_report_shows_the_best_trials_adversarial_examples_from_its_artifact(report):
+    shown = {name.split("-")[1] for name in (path.stem for path in report["files"]) if name.startswith("examples-")}
+    assert len(shown) == 1  # one model x defense x eps group: its best trial only
+    [run] = [r for r in report["trials"] if r.info.run_id in shown]
+    assert run.data.metrics[OBJECTIVE] == max(r.data.metrics[OBJECTIVE] for r in report["trials"])
+    logged = {a.path for a in report["client"].list_artifacts(run.info.run_id, "examples")}
+    assert {"examples/index.html", "examples/examples.json", "examples/fine-tuned-pgd-eps4-0-delta.png"} <= logged
+    assert '<table class="adv-examples">' in report["html"] and "undefended encoder" in report["html"]
+
+
+@pytest.mark.slow
 def test_importances_are_drawn_or_the_page_says_why_not(report):
     values = [r.data.metrics[OBJECTIVE] for r in report["trials"]]
     drawn = any(path.stem.startswith("importance-") for path in report["files"])

@@ -119,6 +119,10 @@ class TrainConfig(BaseModel):
     # A model with an ITM head (model.itm_scoring: BLIP, ALBEF, TCL) is evaluated by re-scoring each image's and
     # each caption's top-k_test ITC candidates with it (papers: 128 on Flickr30k, 256 on COCO); others by cosine.
     k_test: int = Field(128, ge=1)
+    # After the last epoch, this many test images are attacked with each eval attack (largest eval eps) on the undefended
+    # and the fine-tuned encoder, and saved as pictures with their top captions (the trial's ``examples/``
+    # artifact, and the report's adversarial-example section); 0 = none. Retrieval models only.
+    examples: int = Field(3, ge=0)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:N
     # Speed options for CUDA GPUs (issue 7, numbers in BENCHMARKS.md). The step's mathematics is unchanged

@@ -67,6 +67,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"  # epoch, optimiser hyperparameters, config and metrics of a checkpoint
 CARD_FILE = "card.json"  # beside a published robust encoder: what it is, its metrics, its sha256
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the MLflow artifact folder holding VISION_FILE and CARD_FILE
+EXAMPLES_ARTIFACT_DIR = "examples"  # the MLflow artifact folder of a trial's adversarial-example pictures (index.html)
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # Ray's result key for a reported checkpoint's location (ray.tune.integration)
 DONE_FILE = "mava-trial-result.json"  # beside a finished Train run's checkpoints: its final result
 NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss

@@ -34,6 +34,8 @@ TRAIN_ORDER = SeedStream(seed_stride=7_919, major_stride=1)
 EVAL_ATTACK = SeedStream(seed_stride=1_000_003, major_stride=7_919)
 # The honesty checks' PGD at eps number ``major`` (one generator shared by its short and long runs).
 HONESTY_CHECK = SeedStream(seed_stride=1_000_003, major_stride=1, offset=104_729)
+# The attacks of the adversarial-example pictures, (attack, eps) run number ``major``.
+EXAMPLES = SeedStream(seed_stride=1_000_003, major_stride=1, offset=1_299_709)
 
 
 def derive_seed(seed: int, stream: SeedStream, major: int, minor: int = 0) -> int:

@@ -33,12 +33,13 @@ from trainables.data import check_min_captions, load_dataset
 from trainables.data.items import collate
 from trainables.device import resolve_device
 from trainables.errors import NonFiniteLossError, UserError
+from trainables.evaluation.examples import EXAMPLES_DIR, write_trial_examples
 from trainables.models import load_model
 from trainables.models.base import VLPModel
 from trainables.names import EPOCH, EPOCH_SECONDS, SETUP_SECONDS, TRAIN_SECONDS, train_metric
 from trainables.seeds import TRAIN_ATTACK, TRAIN_ORDER, derive_seed
 from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step
-from trainables.tasks import EpochEval, task_info
+from trainables.tasks import EpochEval, Task, task_info
 
 # Called once per epoch with the epoch's metrics and its checkpoint directory (None on ranks > 0).
 Reporter = Callable[[dict[str, float], Path | None], None]
@@ -199,6 +200,8 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         if rank == 0:
             checkpoint = save_training_checkpoint(checkpoint_root / f"epoch-{epoch:04d}", model.vision, optimizer, epoch,
                                                   config.model_dump(mode="json"), metrics)
+            if epoch == config.epochs and _draws_examples(config, model):
+                write_trial_examples(model, eval_set, config, checkpoint / EXAMPLES_DIR)
         report(metrics, checkpoint)
     return metrics
 
@@ -230,6 +233,11 @@ def _nonfinite_reason(terms: dict[str, torch.Tensor], config: TrainConfig, epoch
     text = ", ".join(f"{key}={value:.4g}" for key, value in values.items())
     return (f"the {config.defense.value} loss became {values['loss']} at epoch {epoch}, batch {batch_index}{where} ({text}): "
             f"lower lr (now {config.lr:g}) or eps (now {config.eps:.4g}), or check the data")
+
+
+def _draws_examples(config: TrainConfig, model: VLPModel) -> bool:
+    """Adversarial-example pictures need a retrieval model (captions to retrieve) and an attack to show."""
+    return config.examples > 0 and bool(config.eval_attacks) and model.tasks[0] is Task.RETRIEVAL
 
 
 def _evaluates(config: TrainConfig, epoch: int) -> bool:

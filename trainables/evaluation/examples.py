@@ -1,0 +1,174 @@
+"""Adversarial examples a researcher can look at: a few fixed test images, attacked, and what they retrieve.
+
+For each of the first ``count`` images of the evaluation set and each attack × eps asked
+(a trial: every eval attack at its largest eval eps), and for each encoder given (the undefended base and the fine-tuned one), an
+:class:`Example` holds the clean image, the adversarial image, and the top captions the
+encoder retrieves for the image before and after the attack, out of the captions of a
+fixed gallery of test images. Multimodal attacks (SGA, Co-attack, VLP-attack) also
+change the image's own captions; those are kept with the words that changed.
+
+Each encoder is attacked white-box with the evaluation's own attack code and settings
+(its own seed stream: the pictures' three images are not an evaluation batch), so an
+example shows the kind of input the robust metric scores. :func:`write_examples`
+stores PNGs and a JSON index that :mod:`trainables.evaluation.examples_page` turns into
+a page (an MLflow artifact of every trial, and a section of the sweep report).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainables.attacks import TEXT_ATTACKS, get_attack
+from trainables.attacks.base import eval_mode
+from trainables.names import CLEAN, EXAMPLES_ARTIFACT_DIR, eps_fraction
+from trainables.seeds import EXAMPLES, derive_seed
+
+INDEX_FILE = "examples.json"
+PAGE_FILE = "index.html"
+EXAMPLES_DIR = EXAMPLES_ARTIFACT_DIR  # inside the last epoch's checkpoint folder, uploaded as the trial's artifact of that name
+TOP_CAPTIONS = 3
+GALLERY_IMAGES = 100  # captions of this many test images are the retrieval gallery (the first one's included)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One test image under one attack × eps, on one encoder.
+
+    Attributes:
+        encoder: ``undefended`` or ``fine-tuned``; image: index in the evaluation set.
+        attack, eps: the attack (``clean`` for the unattacked row) and its eps as ``x/255``.
+        top: the encoder's top captions for the (adversarial) image, best first, each with
+            whether it is one of the image's own captions.
+        captions: the image's own captions as the attack left them (the clean ones for image-only attacks).
+        changed: per caption, the indices of the words the attack replaced.
+        linf: ``||x_adv - x||_inf`` in /255 units (at most eps: the attacks' contract).
+        png, delta_png: file names of the image and of the amplified perturbation (None for clean).
+    """
+
+    encoder: str
+    image: int
+    attack: str
+    eps: str | None
+    top: list[tuple[str, bool]]
+    captions: list[str]
+    changed: list[list[int]]
+    linf: float
+    png: str
+    delta_png: str | None
+
+
+def changed_words(original: str, adversarial: str) -> list[int]:
+    """Indices of the words a substitution changed (the attacks replace words, never split or join them)."""
+    before, after = original.split(), adversarial.split()
+    if len(before) != len(after):
+        return list(range(len(after)))  # not a word-for-word substitution: mark every word
+    return [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+
+
+def amplified(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Map a perturbation in [-eps, eps] to [0, 1] (grey = unchanged) so that it is visible."""
+    return (0.5 + delta / (2 * eps)).clamp(0, 1)
+
+
+def _png(pixels: torch.Tensor, path: Path) -> None:
+    array = (pixels.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def _embed_texts(model, captions: list[str], batch_size: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(torch.cat([model.encode_text(captions[i:i + batch_size]).float()
+                                      for i in range(0, len(captions), batch_size)]), dim=-1)
+
+
+def encoder_examples(model, encoder: str, dataset, attacks: tuple[str, ...], eps: tuple[float, ...], count: int,
+                     seed: int, candidates=None) -> tuple[list[Example], dict[str, torch.Tensor]]:
+    """The examples of one encoder, and the images they show keyed by file name (written by :func:`write_examples`)."""
+    device = model.pixel_mean.device
+    items = [dataset[i] for i in range(min(len(dataset), max(count, GALLERY_IMAGES)))]
+    gallery = [caption for item in items for caption in item.captions]
+    owner = [index for index, item in enumerate(items) for _ in item.captions]
+    shown = items[:count]
+    images = torch.stack([item.image for item in shown]).to(device)
+    captions = [list(item.captions) for item in shown]
+    examples, pictures = [], {}
+    with eval_mode(model):
+        gallery_features = _embed_texts(model, gallery)
+        runs = [(CLEAN, None)] + [(attack, e) for attack in attacks for e in eps]
+        for run_index, (attack, e) in enumerate(runs):
+            if attack == CLEAN:
+                adversarial, adversarial_captions = images, captions
+            else:
+                generator = torch.Generator(device=device).manual_seed(derive_seed(seed, EXAMPLES, run_index))
+                options = {"candidates": candidates} if candidates is not None and attack in TEXT_ATTACKS else {}
+                output = get_attack(attack)(model, images, captions, e, generator, **options)
+                adversarial = output.images
+                adversarial_captions = output.captions if output.captions is not None else captions
+            with torch.no_grad():
+                image_features = F.normalize(model.encode_image(adversarial).float(), dim=-1)
+            order = (image_features @ gallery_features.T).argsort(dim=1, descending=True)[:, :TOP_CAPTIONS]
+            label = attack if e is None else f"{attack}-eps{eps_fraction(e).split('/')[0]}"
+            for i in range(len(shown)):
+                png = f"{encoder}-{label}-{i}.png"
+                pictures[png] = adversarial[i]
+                delta_png = None
+                if e is not None:
+                    delta_png = f"{encoder}-{label}-{i}-delta.png"
+                    pictures[delta_png] = amplified(adversarial[i] - images[i], e)
+                examples.append(Example(
+                    encoder=encoder, image=i, attack=attack, eps=None if e is None else eps_fraction(e),
+                    top=[(gallery[j], owner[j] == i) for j in order[i].tolist()],
+                    captions=list(adversarial_captions[i]),
+                    changed=[changed_words(a, b) for a, b in zip(captions[i], adversarial_captions[i])],
+                    linf=round(float((adversarial[i] - images[i]).abs().max()) * 255, 4), png=png, delta_png=delta_png))
+    return examples, pictures
+
+
+def write_examples(directory: Path, examples: list[Example], pictures: dict[str, torch.Tensor], context: dict) -> Path:
+    """PNGs and ``examples.json`` (``context``: model, defense, eps, ... shown above the examples) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, pixels in pictures.items():
+        _png(pixels, directory / name)
+    index = directory / INDEX_FILE
+    index.write_text(json.dumps({"context": context, "examples": [asdict(example) for example in examples]}, indent=1))
+    return index
+
+
+def read_examples(directory: Path) -> tuple[dict, list[Example]]:
+    data = json.loads((directory / INDEX_FILE).read_text())
+    return data["context"], [Example(**{**row, "top": [tuple(pair) for pair in row["top"]]}) for row in data["examples"]]
+
+
+def write_trial_examples(model, dataset, config, directory: Path) -> Path:
+    """A trial's examples after its last epoch: the base model (reloaded from ``config.model``) and ``model``
+    side by side, attacked by each eval attack at the largest eval eps; PNGs, ``examples.json`` and
+    ``index.html`` in ``directory``."""
+    from trainables.evaluation.examples_page import examples_page  # (imports this module)
+    from trainables.models import load_model
+
+    device = model.pixel_mean.device
+    undefended = load_model(config.model).to(device)
+    examples, pictures = [], {}
+    for encoder, victim in (("undefended", undefended), ("fine-tuned", model)):
+        candidates = None
+        if any(attack in TEXT_ATTACKS for attack in config.eval_attacks):
+            from trainables.attacks.word_candidates import candidate_source  # local: may load transformers
+
+            candidates = candidate_source(config.word_candidates, victim, device)
+        # One eps, the largest evaluated: the pictures are for looking, and each attack costs a run per encoder.
+        found, drawn = encoder_examples(victim, encoder, dataset, tuple(config.eval_attacks), (max(config.eval_eps),),
+                                        config.examples, config.seed, candidates)
+        examples += found
+        pictures |= drawn
+    context = {"model": config.model, "defense": config.defense.value, "training eps": eps_fraction(config.eps),
+               "word source of text attacks": config.word_candidates, "seed": config.seed}
+    write_examples(directory, examples, pictures, context)
+    (directory / PAGE_FILE).write_text(examples_page(context, examples))
+    return directory
