@@ -3,8 +3,10 @@
 Each sweep's finished trials become COMPLETE trials of an in-memory Optuna study
 (``optuna.trial.create_trial`` + ``study.add_trial``) whose distributions come from
 the parent run's ``space`` param, so Optuna sees the very space the sweep searched.
-Where importances cannot mean anything (fewer than two trials, a constant
-objective, nothing searched) the result carries the reason instead, for the page.
+Where importances cannot mean anything (fewer than :data:`MIN_TRIALS` trials, a
+constant objective, nothing searched) the result carries the reason instead, for
+the page: a forest fitted to a handful of points ranks some param first whatever
+the truth, and bars drawn from it look like a finding.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ EVALUATORS: dict[str, Callable[[], optuna.importance.BaseImportanceEvaluator]] =
     "mdi": lambda: optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0),
     "ped-anova": lambda: optuna.importance.PedAnovaImportanceEvaluator(),
 }
+
+
+# Below this many completed trials importances are noise (fANOVA fits a forest to them), so none are drawn.
+MIN_TRIALS = 10
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,10 @@ def sweep_importances(sweep: Sweep, trials: list[Trial], metric: str, mode: str 
         study.add_trial(optuna.trial.create_trial(params=params, distributions=searched, value=trial.metrics[metric]))
         values.append(trial.metrics[metric])
     base = Importances(sweep.sweep_id, metric, trials=len(values), notes=notes)
-    if len(values) < 2:
-        return _with(base, f"{len(values)} completed trial(s) with {metric}: importances need at least 2")
+    if len(values) < MIN_TRIALS:
+        return _with(base, f"{len(values)} completed trial(s) with {metric}: importances from fewer than {MIN_TRIALS} "
+                           "are noise (a forest fitted to a few points ranks some param first whatever the truth); "
+                           "the scatter plots below show the trials themselves")
     if max(values) == min(values):
         return _with(base, f"{metric} is {values[0]:g} in every trial: a constant objective has no variance to attribute")
     try:
