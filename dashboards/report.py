@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from dashboards import figures, page
 from dashboards.examples_section import examples_section
+from dashboards.grids import grids_section
 from dashboards.page import FigureFile
 from dashboards.importance import EVALUATORS, sweep_importances
 from dashboards.records import (CLEAN_TR1, ExperimentRecords, Trial, curve_metrics, default_objective, load_records,
@@ -122,6 +123,9 @@ def build_report(client: MlflowClient, experiment: str, tracking_uri: str, out: 
     sections = [("table", "Paper-style table", paper_section(client, records, robust))]
     sections.append(("tradeoff", "Clean vs robust trade-off", _tradeoff_section(finished, robust, add)))
     sections.append(("params", "Hyperparameters", _params_section(records, robust, evaluator, add)))
+    grids = grids_section(records, add)
+    if grids:
+        sections.append(("grids", "Parameter grids", grids))
     sections.append(("trials", "Trials", trials_section(records, robust)))
     sections.append(("examples", "Adversarial examples", examples_section(client, records, robust, embed)))
     curves = []
