@@ -119,6 +119,9 @@ class TrainConfig(BaseModel):
     # neighbours: authors_pgd2 needs false).
     mava_random_start: bool = True
     embedding_space: EmbeddingSpace = EmbeddingSpace.RAW
+    # FARE's inner PGD: RobustVLM's 0.9 momentum on the signs (v = sign(0.9 v + sign g), as FARE's code; default), or
+    # plain sign steps (false). They differ only where a pixel's gradient is exactly 0 (then v keeps its direction).
+    fare_sign_momentum: bool = True
     cms_form: CmsForm = CmsForm.ONE_MINUS_COS
     sca_half: bool = True  # paper Eq. 4's 0.5; the authors' code omits it
     inner_text_distance: bool = False  # authors' extra inner term ||F(x') - T||^2

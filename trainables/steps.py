@@ -31,6 +31,8 @@ from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
 
+ROBUSTVLM_SIGN_MOMENTUM = 0.9  # train/pgd_train.py's momentum default, which FARE's training uses
+
 # Maps [0, 1] pixels (B, C, H, W) to features (B, D) through the *trainable* encoder.
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -153,7 +155,9 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
 def fare_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor | None,
               original_features: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """FARE: PGD maximising ``||F(x') - F_org(x)||^2``, then minimise it at x'. Captions are unused."""
-    adversarial = pgd(lambda x: fare_loss(attack_encode(x), original_features), images, pgd_settings(config), generator)
+    # RobustVLM's PGD (REFERENCE-NOTES, FARE): 0.9 momentum on the signs unless config.fare_sign_momentum is off.
+    settings = dataclasses.replace(pgd_settings(config), sign_momentum=ROBUSTVLM_SIGN_MOMENTUM if config.fare_sign_momentum else 0.0)
+    adversarial = pgd(lambda x: fare_loss(attack_encode(x), original_features), images, settings, generator)
     return fare_outer_loss(train_encode(adversarial), original_features)
 
 
