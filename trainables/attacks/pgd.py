@@ -51,7 +51,7 @@ def pgd(
         settings: eps, steps, step size, random start.
         generator: seeds the random start (the attack is deterministic given it).
         keep_iterates: also return the last ``keep_iterates`` iterates (B, k, C, H, W),
-            used by MAVA's trajectory-neighbour variant.
+            used by MAVA's ``neighbours: last_iterates``.
     Returns:
         adversarial images (B, C, H, W) with ``||x_adv - x||_inf <= eps`` and values in [0, 1]
         (the last iterate), plus the kept iterates when ``keep_iterates > 0``.
