@@ -3,32 +3,42 @@
 This is the baseline of ``benchmarks/mava_step.py`` and the oracle of
 ``tests/test_step_performance.py`` (the optimised step must produce the same loss
 terms and the same parameter update). It is written the straightforward way,
-from the paper's equations, as a first implementation would be. It is *not* the
-authors' code: it shares every interpretive choice of the platform's step (PGD
-random start, uniform neighbours ``v' + r_i``, Eq. 5 at r = 0, raw embeddings,
-``1 - cos``), which the authors' code makes differently (REFERENCE-NOTES, MAVA);
-only its PGD's ``loss.backward()`` imitates that code. Its naive parts:
+from the paper's equations, as a first implementation would be.
+
+It is **not** the authors' code (that is ``benchmarks/authors_mava.py``, and
+``neighbours: authors_pgd2`` in training). It makes every interpretive choice the
+platform's step makes, which the authors' code makes differently (REFERENCE-NOTES,
+MAVA): plain sign-gradient PGD with a random start (``mava_random_start``; the
+authors' ``pgd_2`` starts at the clean image and steps with a Nesterov look-ahead
+momentum), Eq. 5 at r = 0, and N views for L_VSSE and L_CMS: the paper's uniform
+neighbours ``v' + r_i``, or the last N plain-PGD iterates (``neighbours:
+last_iterates``), where the authors average the last N+1 ``pgd_2`` iterates into
+one image. Its variants of the loss (``embedding_space``, ``cms_form``,
+``sca_half``, ``inner_text_distance``) are the platform's named options, not a
+copy of the authors' loss code. ``neighbours: authors_pgd2`` is refused here.
+Its naive parts:
 
 1. **Frozen features every step.** The M captions of every image go through the
    frozen text encoder (tokenised again) and the clean images through the frozen
    original encoder ``F_org`` at every step, although neither changes during
    training. (The optimised loop computes both once per dataset:
    ``trainables.train.frozen_features``.)
-2. **PGD with ``loss.backward()``**, as the authors' code does: every one of the
-   K steps back-propagates into the vision encoder's *parameters* as well as the
-   input, and the parameter gradients are thrown away (``zero_grad``) because
-   only ``x.grad`` is used. (The optimised PGD uses ``torch.autograd.grad`` with
-   respect to the input only, so autograd skips every weight-gradient kernel.)
-3. **One view at a time.** The N neighbours ``v' + r_i`` and the clean image go
-   through the encoder one forward pass each in a Python loop; the single
-   ``loss.backward()`` of the caller then runs one backward pass per view graph.
-   (The optimised step stacks the (N+1)*B views into one batch.)
+2. **PGD with ``loss.backward()``**: every one of the K steps back-propagates into
+   the vision encoder's *parameters* as well as the input, and the parameter
+   gradients are thrown away (``zero_grad``) because only ``x.grad`` is used. (The
+   released ``pgd_2`` calls ``torch.autograd.grad`` instead, see
+   ``benchmarks/authors_mava.py``; the optimised PGD differentiates detached
+   weights, so no weight-gradient kernel runs at all.)
+3. **One view at a time.** The N neighbours and the clean image go through the
+   encoder one forward pass each in a Python loop; the single ``loss.backward()``
+   of the caller then runs one backward pass per view graph. (The optimised step
+   stacks the (N+1)*B views into one batch.)
 4. The loss terms are computed per neighbour in a loop, directly from Eqs. 2-5
    (``trainables.defenses.mava`` is not used, so the equivalence test also
    cross-checks the vectorised loss code).
 
 Nothing else is slowed down on purpose: same model, same batch, same precision,
-same generator draws in the same order (PGD random start, then the neighbour
+same generator draws in the same order (PGD random start if any, then the neighbour
 noise as one (B, N, C, H, W) draw), same projection onto the eps-ball.
 """
 
@@ -71,12 +81,12 @@ def naive_pgd(model: VLPModel, images: torch.Tensor, original: torch.Tensor, cap
               generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """K signed-gradient steps on Eq. 5 with ``loss.backward()``; returns the last iterate and all iterates."""
     images = images.detach()
-    adversarial = random_start(images, config.eps, generator)
+    adversarial = random_start(images, config.eps, generator) if config.mava_random_start else images.clone()
     iterates = []
     for _ in range(config.pgd_steps):
         adversarial = adversarial.detach().requires_grad_(True)
         loss = _inner_loss(model.encode_image(adversarial), original, captions, config).sum()
-        loss.backward()  # fills the parameters' .grad too (the authors' code); only the input's is used
+        loss.backward()  # fills the parameters' .grad too; only the input's is used
         model.vision.zero_grad(set_to_none=True)  # ... and those parameter gradients are thrown away
         with torch.no_grad():
             adversarial = project_linf(adversarial + config.pgd_step_size * adversarial.grad.sign(), images, config.eps)
@@ -93,6 +103,9 @@ def naive_mava_step(model: VLPModel, images: torch.Tensor, captions: list[tuple[
         images: (B, C, H, W) clean images in [0, 1]; captions[b]: the captions of image b (the first M are used).
         generator: the same generator state as given to the optimised step gives the same draws.
     """
+    if config.neighbours is NeighbourMode.AUTHORS_PGD2:
+        raise ValueError("naive_mava_step reads the paper's neighbours (uniform or last_iterates); "
+                         "the authors' pgd_2 step is benchmarks/authors_mava.py")
     normalized = config.embedding_space is EmbeddingSpace.NORMALIZED
     batch = len(images)
     with torch.no_grad():  # frozen encoders, recomputed at every step
@@ -101,7 +114,7 @@ def naive_mava_step(model: VLPModel, images: torch.Tensor, captions: list[tuple[
         original = model.encode_image_original(images)
 
     adversarial, iterates = naive_pgd(model, images, original, caption_features, config, generator)
-    if config.neighbours is NeighbourMode.TRAJECTORY:
+    if config.neighbours is NeighbourMode.LAST_ITERATES:
         neighbours = [iterate.detach() for iterate in iterates[-config.N:]]
         neighbours = [neighbours[0]] * (config.N - len(neighbours)) + neighbours
     else:

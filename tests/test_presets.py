@@ -115,7 +115,7 @@ def test_check_on_a_paper_preset_with_its_model_replaced_reaches_the_data(tmp_pa
     assert code == EXIT_USER_ERROR and "/models/bert-base-uncased is not a folder" in printed, printed
     offline = ("--set", "experiment.model=tiny-clip", "--set", "experiment.word_candidates=offline")
     code, printed = run_check(path, tmp_path, capfd, *offline)
-    assert code == EXIT_USER_ERROR and "a trial needs 4 GPUs" in printed, printed
+    assert code == EXIT_USER_ERROR and "a trial needs 3 GPUs" in printed, printed
     code, printed = run_check(path, tmp_path, capfd, *offline, "--set", "resources.gpus_per_worker=0",
                               "--set", "resources.workers_per_trial=1", "--set", "resources.cpus_per_worker=1")
     assert code == EXIT_USER_ERROR and "/data/coco/dataset_coco.json does not exist" in printed, printed

@@ -74,7 +74,7 @@ def naive_update(model, world, config: TrainConfig, generator: torch.Generator) 
 
 @pytest.mark.parametrize("variant", [
     {},  # the paper's default: uniform neighbours, raw embeddings, 1 - cos, 0.5 on L_SCA
-    {"neighbours": "trajectory", "embedding_space": "normalized"},  # the authors' code's neighbours and distances
+    {"neighbours": "last_iterates", "embedding_space": "normalized"},  # the last plain-PGD iterates; the authors' distances
     {"cms_form": "neg_cos_sum", "sca_half": False, "inner_text_distance": True},  # the authors' code's loss terms
 ])
 def test_optimised_step_computes_the_naive_steps_loss_terms_and_parameter_update(drifted_model, world, variant):

@@ -139,6 +139,8 @@ def test_the_embedded_default_resolves_to_the_same_training_config_as_before():
         # Options added since, at the defaults that compute what the code computed before: the inner PGD at r = 0
         # with a random start (as it was); k_test and the word source act only on ITM models and text attacks.
         "inner_neighbourhood": "zero", "mava_random_start": True, "k_test": 128, "word_candidates": "tiny-mlm",
+        # FARE's inner PGD only (this sweep is MAVA): RobustVLM's sign momentum, the FARE code's.
+        "fare_sign_momentum": True,
     }
     # What Tune hands every trial (fixed options under "train") is that config before the searched keys are applied.
     assert spec.fixed_options() == spec.train_config().model_dump(mode="json")

@@ -33,8 +33,21 @@ class OptimizerName(str, Enum):
 
 
 class NeighbourMode(str, Enum):
-    UNIFORM = "uniform"  # paper Eq. 2: v' + r_i, r_i ~ U[-beta*eps, beta*eps]^d (default)
-    TRAJECTORY = "trajectory"  # authors' code: the last N iterates of the inner PGD
+    """The views of the adversarial image that L_VSSE and L_CMS are computed on (issue 14, defect 3)."""
+
+    UNIFORM = "uniform"  # paper Eq. 2: N views v' + r_i, r_i ~ U[-beta*eps, beta*eps]^d (default)
+    LAST_ITERATES = "last_iterates"  # the last N iterates of the plain inner PGD as N views (not the authors' code)
+    # The authors' code (pgd_2, trainables.attacks.pgd2): look-ahead momentum PGD from the clean image, the pixel
+    # mean of its last N+1 iterates as ONE view, F(x_avg).
+    AUTHORS_PGD2 = "authors_pgd2"
+
+
+# Neighbour modes that were renamed, with why: a YAML that still names one is refused with the new names.
+RETIRED_NEIGHBOUR_MODES = {
+    "trajectory": "it took the last N plain-PGD iterates as N views, which is not what the authors' pgd_2 does: "
+                  "write neighbours: last_iterates for that reading, or neighbours: authors_pgd2 for the authors' code "
+                  "(the pixel mean of the last N+1 look-ahead momentum iterates, one view, no random start)",
+}
 
 
 class InnerNeighbourhood(str, Enum):
@@ -102,8 +115,13 @@ class TrainConfig(BaseModel):
     beta: float = Field(1.5, gt=0)  # neighbour radius = beta * eps (authors pass 3/2)
     neighbours: NeighbourMode = NeighbourMode.UNIFORM
     inner_neighbourhood: InnerNeighbourhood = InnerNeighbourhood.ZERO  # Eq. 5 at r = 0 (code) or over N neighbours (paper)
-    mava_random_start: bool = True  # MAVA's inner PGD starts at a uniform point of the eps-ball; the authors' code: none (false)
+    # MAVA's inner PGD starts at a uniform point of the eps-ball; the authors' code has no random start (false;
+    # neighbours: authors_pgd2 needs false).
+    mava_random_start: bool = True
     embedding_space: EmbeddingSpace = EmbeddingSpace.RAW
+    # FARE's inner PGD: RobustVLM's 0.9 momentum on the signs (v = sign(0.9 v + sign g), as FARE's code; default), or
+    # plain sign steps (false). They differ only where a pixel's gradient is exactly 0 (then v keeps its direction).
+    fare_sign_momentum: bool = True
     cms_form: CmsForm = CmsForm.ONE_MINUS_COS
     sca_half: bool = True  # paper Eq. 4's 0.5; the authors' code omits it
     inner_text_distance: bool = False  # authors' extra inner term ||F(x') - T||^2
@@ -136,6 +154,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def _eps(cls, value: object) -> float:
         return parse_eps(value)
+
+    @field_validator("neighbours", mode="before")
+    @classmethod
+    def _retired_neighbours(cls, value: object) -> object:
+        if isinstance(value, str) and value in RETIRED_NEIGHBOUR_MODES:
+            raise ValueError(f"{value!r} was renamed: {RETIRED_NEIGHBOUR_MODES[value]}")
+        return value
 
     @field_validator("eval_attacks", mode="before")
     @classmethod
@@ -181,6 +206,13 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.defense is Defense.MAVA and self.a == self.b == self.c == 0:
             raise ValueError("a, b and c are all 0: the MAVA loss would be zero; set at least one > 0")
+        if self.defense is Defense.MAVA and self.neighbours is NeighbourMode.AUTHORS_PGD2:
+            if self.mava_random_start:
+                raise ValueError("neighbours: authors_pgd2 is the authors' pgd_2, which starts at the clean image: "
+                                 "set mava_random_start: false")
+            if self.pgd_steps < self.N + 1:
+                raise ValueError(f"neighbours: authors_pgd2 averages the last N+1 = {self.N + 1} PGD iterates, but pgd_steps "
+                                 f"is {self.pgd_steps}: set pgd_steps to {self.N + 1} or more, or lower N")
         mlm_problem = embedded_mlm_problem(self.word_candidates, self.eval_data, self.eval_attacks)
         if mlm_problem:
             raise ValueError(mlm_problem)

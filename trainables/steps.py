@@ -25,10 +25,13 @@ from torch import nn
 
 from trainables.attacks.base import eval_mode
 from trainables.attacks.pgd import PGDSettings, pgd
+from trainables.attacks.pgd2 import pgd2_average
 from trainables.config import Defense, EmbeddingSpace, InnerNeighbourhood, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
+
+ROBUSTVLM_SIGN_MOMENTUM = 0.9  # train/pgd_train.py's momentum default, which FARE's training uses
 
 # Maps [0, 1] pixels (B, C, H, W) to features (B, D) through the *trainable* encoder.
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -106,6 +109,10 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
               original_features: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """MAVA (Eqs. 5-7): PGD on L_inner, then a*L_CMS + b*L_VSSE + c*L_SCA on N neighbours and the clean image.
 
+    The neighbours are ``config.neighbours``: N uniform draws around the last iterate (Eq. 2),
+    the last N plain-PGD iterates (``last_iterates``), or the authors' ``pgd_2`` (``authors_pgd2``):
+    one view, the pixel mean of its last N+1 iterates.
+
     A captioner (``caption_features=None``) trains with Eq. 8: PGD on L_VSSE, then
     b*L_VSSE + c*L_SCA (``config.a`` must be 0; TrainConfig and the loop check it).
 
@@ -127,7 +134,10 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
         return mava_inner_loss(features, original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
 
     settings = dataclasses.replace(pgd_settings(config), random_start=config.mava_random_start)
-    if config.neighbours is NeighbourMode.TRAJECTORY:
+    if config.neighbours is NeighbourMode.AUTHORS_PGD2:
+        # The authors' pgd_2: one view per image, the pixel mean of the last N+1 iterates (TrainConfig refuses a random start).
+        neighbours = pgd2_average(inner, images, settings, average=config.N + 1).unsqueeze(1)
+    elif config.neighbours is NeighbourMode.LAST_ITERATES:
         _, neighbours = pgd(inner, images, settings, generator, keep_iterates=config.N)
     else:
         adversarial = pgd(inner, images, settings, generator)
@@ -145,7 +155,9 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
 def fare_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor | None,
               original_features: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """FARE: PGD maximising ``||F(x') - F_org(x)||^2``, then minimise it at x'. Captions are unused."""
-    adversarial = pgd(lambda x: fare_loss(attack_encode(x), original_features), images, pgd_settings(config), generator)
+    # RobustVLM's PGD (REFERENCE-NOTES, FARE): 0.9 momentum on the signs unless config.fare_sign_momentum is off.
+    settings = dataclasses.replace(pgd_settings(config), sign_momentum=ROBUSTVLM_SIGN_MOMENTUM if config.fare_sign_momentum else 0.0)
+    adversarial = pgd(lambda x: fare_loss(attack_encode(x), original_features), images, settings, generator)
     return fare_outer_loss(train_encode(adversarial), original_features)
 
 

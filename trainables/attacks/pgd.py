@@ -22,12 +22,18 @@ from trainables.attacks.projection import project_linf, random_start
 
 @dataclass(frozen=True)
 class PGDSettings:
-    """Fields: eps and step_size in [0, 1] pixel units; steps; random_start in the eps-ball."""
+    """Fields: eps and step_size in [0, 1] pixel units; steps; random_start in the eps-ball.
+
+    ``sign_momentum``: 0 = plain sign steps; mu > 0 = RobustVLM's (FARE's code) velocity
+    ``v = sign(mu * v + sign(g))``, the step direction. For 0 < mu < 1 that is ``sign(g)``
+    wherever g != 0 (|mu * v| < 1), and keeps the previous direction where g == 0.
+    """
 
     eps: float = 4 / 255
     steps: int = 10
     step_size: float = 1 / 255
     random_start: bool = True
+    sign_momentum: float = 0.0
 
 
 def pgd(
@@ -45,7 +51,7 @@ def pgd(
         settings: eps, steps, step size, random start.
         generator: seeds the random start (the attack is deterministic given it).
         keep_iterates: also return the last ``keep_iterates`` iterates (B, k, C, H, W),
-            used by MAVA's trajectory-neighbour variant.
+            used by MAVA's ``neighbours: last_iterates``.
     Returns:
         adversarial images (B, C, H, W) with ``||x_adv - x||_inf <= eps`` and values in [0, 1]
         (the last iterate), plus the kept iterates when ``keep_iterates > 0``.
@@ -56,12 +62,16 @@ def pgd(
     images = images.detach()
     adversarial = random_start(images, settings.eps, generator) if settings.random_start else images.clone()
     iterates: list[torch.Tensor] = []
+    velocity = torch.zeros_like(images)
     for _ in range(settings.steps):
         adversarial.requires_grad_(True)
         loss = objective(adversarial).sum()
         (gradient,) = torch.autograd.grad(loss, adversarial)
         with torch.no_grad():
-            adversarial = project_linf(adversarial + settings.step_size * gradient.sign(), images, settings.eps)
+            direction = gradient.sign()
+            if settings.sign_momentum:
+                velocity = direction = (settings.sign_momentum * velocity + direction).sign()
+            adversarial = project_linf(adversarial + settings.step_size * direction, images, settings.eps)
         if keep_iterates:
             iterates.append(adversarial)
     adversarial = adversarial.detach()

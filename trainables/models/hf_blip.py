@@ -6,6 +6,11 @@ token: the ITC embedding that BLIP's contrastive retrieval uses. ``encode_text``
 the text encoder run unimodally (no image) with its CLS token through ``text_proj``.
 ``itm_scores`` runs the ITM head over the *trainable* ViT's tokens, for BLIP's
 re-ranking of the contrastive top-k (``trainables.evaluation.rerank``).
+``logit_scale`` (TeCoA, ``apgd-ce``, VLP-attack) is BLIP's ITC ``1 / temp`` from the
+folder: transformers' retrieval class has no temperature parameter, so a ``temp``
+entry of the weight file (BLIP's own ``BLIP_Retrieval`` name) is read directly, and
+without one the folder's ``config.json`` ``logit_scale_init_value`` (``ln(1/temp)``;
+ln(1/0.07) unless the config says otherwise) gives it (``checkpoint_logit_scale``).
 
 ``hf-blip-cap:/dir`` — ``BlipForConditionalGeneration`` (e.g. a copy of
 ``Salesforce/blip-image-captioning-base``). It has no text encoder, so it fine-tunes
@@ -15,9 +20,12 @@ CLS token as F(v), and ``generate_captions`` decodes from the trainable ViT's to
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
@@ -31,6 +39,8 @@ TEXT_MAX_TOKENS = 35
 # The prompt of BLIP's captioning evaluation (configs/caption_coco.yaml), stripped from the output.
 CAPTION_PROMPT = "a picture of "
 ITM_PAIR_BATCH = 128  # image-text pairs per ITM forward pass
+TEMP_KEY = "temp"  # BLIP's ITC temperature parameter (models/blip_retrieval.py), clamped to [0.001, 0.5] there
+TEMP_RANGE = (0.001, 0.5)
 
 
 class BlipVision(VisionTower):
@@ -65,7 +75,8 @@ class BlipRetrievalVLP(VLPModel):
     has_text_encoder = True
     itm_scoring = "itc+itm"  # BLIP's train_retrieval.py: ITC cosine + ITM match logit on the top-k_test
 
-    def __init__(self, blip: BlipForImageTextRetrieval, tokenizer: PreTrainedTokenizerBase, mean, std, spec: str):
+    def __init__(self, blip: BlipForImageTextRetrieval, tokenizer: PreTrainedTokenizerBase, mean, std, spec: str,
+                 logit_scale: float = 100.0):
         vision = BlipVision(blip.vision_model, blip.vision_proj)
         super().__init__(vision=vision, image_size=int(blip.config.vision_config.image_size), mean=mean, std=std)
         self.text_encoder = blip.text_encoder
@@ -77,7 +88,13 @@ class BlipRetrievalVLP(VLPModel):
         vocabulary = tokenizer.get_vocab()
         self.itm_first_token = vocabulary["[ENC]"] if "[ENC]" in vocabulary else None
         self.spec = spec
+        self._logit_scale = float(logit_scale)
         self.freeze_text()
+
+    @property
+    def logit_scale(self) -> float:
+        """BLIP's ITC ``1 / temp`` as the checkpoint folder gives it (``checkpoint_logit_scale``)."""
+        return self._logit_scale
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="pt")
@@ -185,12 +202,47 @@ class BlipCaptionVLP(VLPModel):
         return [caption.strip().removeprefix(prompt.strip()).strip() for caption in captions]
 
 
+def _stored_temperature(path: Path) -> torch.Tensor | None:
+    """The ``temp`` entry of the folder's weight file(s), or None when they hold none."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [path / weight_map[TEMP_KEY]] if TEMP_KEY in weight_map else []
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            if TEMP_KEY in weights.keys():
+                return weights.get_tensor(TEMP_KEY)
+    if not files and (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return state.get(TEMP_KEY)
+    return None
+
+
+def checkpoint_logit_scale(path: Path, blip: BlipForImageTextRetrieval) -> float:
+    """BLIP's ITC logit scale ``1 / temp`` for the folder ``path`` holding ``blip``.
+
+    ``temp`` from the weight file when it has one (clamped to BLIP's [0.001, 0.5]); else
+    ``exp(config.logit_scale_init_value)``, the temperature the folder's config states
+    (transformers' ``BlipForImageTextRetrieval`` keeps no learnt temperature; Salesforce's
+    ``blip-itm-*`` folders were converted from BLIP's ``BLIP_ITM``, which has none).
+    """
+    temp = _stored_temperature(path)
+    if temp is None:
+        return math.exp(float(blip.config.logit_scale_init_value))
+    if temp.numel() != 1 or not torch.isfinite(temp).all() or float(temp) <= 0:
+        raise UserError(f"'{TEMP_KEY}' in the weights of {path} is {temp.tolist()}, not one positive number: "
+                        "BLIP's ITC temperature is a scalar such as 0.07; remove the entry or re-save the model")
+    return 1.0 / float(temp.float().clamp(*TEMP_RANGE))
+
+
 def load_hf_blip_retrieval(path: Path, spec: str) -> BlipRetrievalVLP:
     """The ``BlipForImageTextRetrieval`` saved in ``path`` behind the platform interface."""
     read_model_config(path, "hf-blip-itr", "BlipForImageTextRetrieval", "blip")
     blip = load_pretrained(BlipForImageTextRetrieval, path)
     mean, std = image_statistics(path)
-    return BlipRetrievalVLP(blip, load_tokenizer(path), mean, std, spec)
+    return BlipRetrievalVLP(blip, load_tokenizer(path), mean, std, spec, logit_scale=checkpoint_logit_scale(path, blip))
 
 
 def load_hf_blip_caption(path: Path, spec: str) -> BlipCaptionVLP:
