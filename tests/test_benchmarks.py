@@ -172,3 +172,26 @@ def test_evaluate_attacks_benchmark_reports_cost_against_the_floor(random_tiny_c
         assert 0 < row["distinct_texts"] <= row["texts_encoded"]
     assert rows["pgd"]["image_passes_needed"] == {"grad x2": 10} and rows["pgd"]["distinct_texts"] == 10  # 2 images x 5 captions
     assert rows["co-attack"]["distinct_texts"] > rows["pgd"]["distinct_texts"]  # blanked and candidate captions
+
+
+def test_rerank_cost_benchmark_checks_batched_against_the_per_image_loops(tmp_path):
+    import json
+
+    from benchmarks import rerank_cost
+    from trainables.evaluation.rerank import RerankedScores
+
+    out = tmp_path / "rerank_cost.json"
+    rerank_cost.main(["--images", "6", "--k-test", "3", "--repeats", "1", "--warmup", "0", "--candidates", "self",
+                      "--json", str(out)])
+    rows = {row["model"]: row for row in json.loads(out.read_text())["models"]}
+    assert set(rows["tiny-albef"]["wall_seconds"]) == {"batched", "per_image_loop", "albef_loop"}
+    assert set(rows["tiny-blip"]["wall_seconds"]) == {"batched", "per_image_loop"}  # no text-only layers to cache
+    for row in rows.values():
+        assert row["pairs_in_loop"] == 6 * 3 + 30 * 3 and 0 < row["distinct_pairs"] <= row["pairs_in_loop"]
+        assert all(difference < 1e-4 for difference in row["max_abs_difference"].values())
+        loop = row["cpu_seconds"]["per_image_loop"]["median"] / row["cpu_seconds"]["batched"]["median"]
+        assert row["speedup"]["per_image_loop"]["cpu"] == pytest.approx(loop)
+    # The equality check the benchmark relies on does fail on different scores.
+    scores = RerankedScores(i2t=torch.zeros(2, 3), t2i=torch.zeros(2, 3))
+    with pytest.raises(AssertionError, match="differs"):
+        rerank_cost.check_same(scores, RerankedScores(i2t=torch.zeros(2, 3), t2i=torch.full((2, 3), 1e-3)), "loop")

@@ -255,7 +255,9 @@ class OfflineCandidates:
                 self._neighbour_cache[key] = []
             else:
                 similarity = self._unit_word_embeddings @ self._unit_embeddings[token_id]
-                order = similarity.argsort(descending=True).tolist()
+                # The k + 1 best (the word itself may be among them), not a sort of the whole vocabulary:
+                # sorting ~30k similarities per word was a sixth of Co-attack's time (BENCHMARKS.md).
+                order = similarity.topk(min(self.neighbour_candidates + 1, similarity.numel())).indices.tolist()
                 found = []
                 for index in order:
                     text = self._word_texts[index]

@@ -157,6 +157,24 @@ class AlbefVLP(VLPModel):
                   for start in range(0, len(texts), ITM_PAIR_BATCH)]
         return torch.cat(logits) if logits else image_tokens.new_zeros(0)
 
+    def itm_text_states(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Each text's text-layer output once (ALBEF's evaluation caches ``text_embeds`` likewise): ``hidden`` (T, L, h), ``mask``."""
+        self._need("itm", "score image-text matching")
+        tokens = self._tokens(texts)
+        return {"hidden": self.text_encoder.text(tokens["input_ids"], tokens["attention_mask"]), "mask": tokens["attention_mask"]}
+
+    def itm_cached_logits(self, image_tokens: torch.Tensor, text_states: dict[str, torch.Tensor], text_index: torch.Tensor,
+                          image_index: torch.Tensor) -> torch.Tensor:
+        """(P,) ITM match logits of pairs (image_tokens[image_index[p]], text text_index[p] of ``itm_text_states``).
+
+        The same logits as ``itm_pair_logits``; only the fusion layers run per pair, and each
+        distinct image's keys/values are projected once.
+        """
+        mask = text_states["mask"][text_index]
+        length = int(mask.sum(dim=1).max())  # drop the columns that are padding in every pair (masked anyway)
+        hidden = text_states["hidden"][text_index, :length]
+        return self.itm_head(self.text_encoder.fusion(hidden, mask[:, :length], image_tokens, image_index)[:, 0])[:, 1]
+
     def itm_scores(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(B_img, B_txt) ITM match logits of every image with every text ([0, 1] pixels)."""
         tokens = self.image_tokens(pixels)

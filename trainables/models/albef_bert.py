@@ -70,8 +70,11 @@ class BertSelfAttention(nn.Module):
         batch, tokens, width = x.shape
         return x.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, source: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, source: torch.Tensor, score_bias: torch.Tensor | None,
+                source_index: torch.Tensor | None = None) -> torch.Tensor:
         query, key, value = self._split(self.query(hidden)), self._split(self.key(source)), self._split(self.value(source))
+        if source_index is not None:  # row p reads source[source_index[p]]: keys/values projected once per distinct source
+            key, value = key[source_index], value[source_index]
         scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
         if score_bias is not None:
             scores = scores + score_bias
@@ -95,8 +98,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, source_width)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden: torch.Tensor, source: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(hidden, source, score_bias), hidden)
+    def forward(self, hidden: torch.Tensor, source: torch.Tensor, score_bias: torch.Tensor | None,
+                source_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(hidden, source, score_bias, source_index), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -128,11 +132,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: torch.Tensor, text_bias: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, text_bias: torch.Tensor, image: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.attention(hidden, hidden, text_bias)
         if self.crossattention is not None:
             # ALBEF's image mask is all ones: no bias on image positions.
-            hidden = self.crossattention(hidden, image, None)
+            hidden = self.crossattention(hidden, image, None, image_index)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -165,10 +170,15 @@ class AlbefBert(nn.Module):
             hidden = layer(hidden, bias)
         return hidden
 
-    def fusion(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(P, L, hidden): the fusion layers on ``text`` output with image tokens (ALBEF's ``mode='fusion'``)."""
+    def fusion(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, L, hidden): the fusion layers on ``text`` output with image tokens (ALBEF's ``mode='fusion'``).
+
+        ``image_index`` (P,), optional: text row p attends to ``image_tokens[image_index[p]]``, so
+        image tokens shared by several pairs are projected to keys/values once (re-ranking).
+        """
         bias = self._bias(attention_mask, text_hidden.dtype)
         hidden = text_hidden
         for layer in self.encoder.layer[self.config.fusion_layer:]:
-            hidden = layer(hidden, bias, image_tokens)
+            hidden = layer(hidden, bias, image_tokens, image_index)
         return hidden
