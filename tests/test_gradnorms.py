@@ -91,3 +91,32 @@ def test_measuring_the_norms_leaves_the_gradients_alone():
     assert all(p.grad is None for p in layer.parameters())
     (0.3 * terms["l_cms"]).backward()  # the graph is still there
     assert norms["gradnorm_cms"] == pytest.approx(torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item())
+
+
+def test_the_report_draws_the_logged_norms_per_epoch_on_a_log_axis(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dashboards.figures import curves_figure
+    from dashboards.records import curve_metrics, load_records
+    from trainables.names import ROLE_TAG, ROLE_TRIAL, SWEEP_TAG, TRIAL_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("norms", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment_id, tags={ROLE_TAG: ROLE_TRIAL, SWEEP_TAG: "s", TRIAL_TAG: "t1"})
+    logged = {"gradnorm_cms": [0.01, 0.02], "gradnorm_vsse": [3.0, 2.0], "gradnorm_sca": [0.0, 1.5]}
+    for key, values in logged.items():
+        for epoch, value in enumerate(values, start=1):
+            client.log_metric(run.info.run_id, train_metric(key), value, step=epoch)
+    client.log_metric(run.info.run_id, train_metric("l_cms"), 0.9, step=1)
+    client.set_terminated(run.info.run_id)
+
+    trial = load_records(client, "norms", uri).trials[0]
+    assert trial.history[train_metric("gradnorm_sca")] == [(1, 0.0), (2, 1.5)]
+    figure = curves_figure(trial, *curve_metrics(set(trial.history)))
+    norms_panel = figure.axes[2]
+    assert norms_panel.get_yscale() == "log"
+    lines = {line.get_label(): list(zip(*line.get_data())) for line in norms_panel.get_lines()}
+    # Every logged norm, by epoch; L_SCA's zero (epoch 1: F = F_org) cannot sit on a log axis and is left out.
+    assert lines == {train_metric("gradnorm_cms"): [(1, 0.01), (2, 0.02)], train_metric("gradnorm_vsse"): [(1, 3.0), (2, 2.0)],
+                     train_metric("gradnorm_sca"): [(2, 1.5)]}
