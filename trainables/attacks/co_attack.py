@@ -18,6 +18,14 @@ REFERENCE-NOTES writes the objective as ``KL(F(x')||F(x)) + 3.0*KL(norm F(x')||n
 the code's argument order puts the clean/text distribution first, which is what is
 implemented (the sign of every step is the same kind of ascent either way).
 
+Both terms are *ascended*: the image moves away from its clean embedding and away from
+its adversarial captions. The first KL (raw embeddings) grows with the distance moved
+while the second (softmaxes of unit vectors) stays nearly flat, so with a larger eps the
+first term's gradient decides most sign steps and the attack drifts towards an
+untargeted embedding-change attack; recall can then *rise* with eps (measured in
+docs/attacks.md, "Why Co-attack's recall can rise with eps"). That is the reference
+objective, kept as it is.
+
 Deviation: Co-attack's retrieval evaluation attacks each (image, caption) pair
 separately and the image of the last pair overwrites the others; here an image is
 guided by *all* of its adversarial captions at once (the mean of the per-caption KL
