@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 from dashboards.importance import Importances
 from dashboards.records import CLEAN_TR1, Trial
 from platform.compare import is_caption_metric
-from trainables.names import EPOCH
+from trainables.names import EPOCH, GRADNORM_KEYS, train_metric
 
 DPI = 90
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -94,20 +94,32 @@ def tradeoff_figure(trials: Sequence[Trial], robust: str) -> Figure:
 
 
 def curves_figure(trial: Trial, losses: Sequence[str], evals: Sequence[str]) -> Figure:
-    """One trial's per-epoch loss terms (left) and evaluation recall or caption metrics (right), as MLflow's history holds them."""
-    figure = new_figure(10, 3.4)
-    left, right = figure.subplots(1, 2)
+    """One trial's per-epoch loss terms, evaluation recall or caption metrics, and (when logged) each weighted term's gradient norm.
+
+    The third panel (``train/gradnorm_*``, issue 14) shows how much of the update each of
+    Eq. 6's weighted terms drives, on a log axis: the loss values alone hide that a small
+    term (L_CMS) can still move the encoder, or that a large one barely does.
+    """
+    gradnorms = [train_metric(k) for k in GRADNORM_KEYS if trial.history.get(train_metric(k))]
+    panels = [(losses, "training loss terms"), (evals, "")]
+    if gradnorms:
+        panels.append((gradnorms, "gradient norm of each weighted term (1 batch/epoch)"))
+    figure = new_figure(5 * len(panels), 3.4)
+    grid = figure.subplots(1, len(panels))
     evaluation = "evaluation caption metrics (x100)" if any(is_caption_metric(k) for k in evals) else "evaluation recall@1 (%)"
-    for axes, keys, title in ((left, losses, "training loss terms"), (right, evals, evaluation)):
-        drawn = [k for k in keys if trial.history.get(k)]
+    for index, (axes, (keys, title)) in enumerate(zip(grid, panels)):
+        history = {k: trial.history[k] for k in keys if trial.history.get(k)}
+        if index == 2:  # a zero norm has no place on a log axis: L_SCA's is 0 on epoch 1's first batch (F = F_org there)
+            history = {k: [(s, v) for s, v in points if v > 0] for k, points in history.items()}
+        drawn = [k for k, points in history.items() if points]
         for key in drawn:
-            steps, values = zip(*trial.history[key])
+            steps, values = zip(*history[key])
             axes.plot(steps, values, marker="o", ms=3, label=key)
         if not drawn:
             axes.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=axes.transAxes, color="#888")
-        elif axes is left and all(v > 0 for k in drawn for _, v in trial.history[k]):
+        elif index != 1 and all(v > 0 for k in drawn for _, v in history[k]):
             axes.set_yscale("log")  # the MAVA terms differ by orders of magnitude; one linear axis flattens the small ones
-        axes.set(xlabel=EPOCH, title=title)
+        axes.set(xlabel=EPOCH, title=title or evaluation)
         axes.grid(alpha=0.3)
         if drawn:
             axes.legend(fontsize=7, loc="best")

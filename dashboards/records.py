@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from platform.compare import CAPTION_RANK, GROUP_TAGS, caption_columns, find_experiment, is_caption_metric, recall_columns
 from trainables.errors import UserError
-from trainables.names import (CHECKPOINT_ARTIFACT_DIR, CLEAN, FAILURE_TAG, LOSS_KEYS, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL,
+from trainables.names import (CHECKPOINT_ARTIFACT_DIR, CLEAN, FAILURE_TAG, GRADNORM_KEYS, LOSS_KEYS, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL,
                               STATUS_FINISHED, SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, train_metric)
 from trainables.tasks import Task, task_of_metrics
 
@@ -126,8 +126,9 @@ def _sweep(run: Run) -> Sweep:
 def _trial(client: MlflowClient, run: Run) -> Trial:
     tags = run.data.tags
     losses, evals = curve_metrics(set(run.data.metrics))
+    gradnorms = [train_metric(k) for k in GRADNORM_KEYS if train_metric(k) in run.data.metrics]  # the curves' third panel
     history = {}
-    for key in [*losses, *evals]:
+    for key in [*losses, *evals, *gradnorms]:
         points = client.get_metric_history(run.info.run_id, key)
         history[key] = sorted((int(m.step), float(m.value)) for m in points)
     model, defense, eps = (tags.get(t, "?") for t in GROUP_TAGS)

@@ -16,6 +16,9 @@ CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"
 # the keys a sweep may optimise.
 ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
+# Per-epoch norm of the gradient each weighted loss term alone gives the trainable vision parameters, measured
+# on the epoch's first batch (``train/gradnorm_cms`` = ||grad a*L_CMS||): how the terms of Eq. 6 are balanced.
+GRADNORM_KEYS = ("gradnorm_cms", "gradnorm_vsse", "gradnorm_sca", "gradnorm_fare", "gradnorm_tecoa")
 EPOCH = "epoch"
 CLEAN = "clean"  # the attack name of unperturbed images in metric names and result rows
 
@@ -103,6 +106,14 @@ def metric_name(attack: str, eps: float | None, key: str) -> str:
 def train_metric(key: str) -> str:
     """Per-epoch training loss terms: ``"train/l_cms"``."""
     return TRAIN_PREFIX + key
+
+
+def gradnorm_key(loss_key: str) -> str:
+    """The gradient-norm key of a loss term: ``"l_cms" -> "gradnorm_cms"`` (one of GRADNORM_KEYS)."""
+    key = "gradnorm_" + loss_key.removeprefix("l_")
+    if key not in GRADNORM_KEYS:
+        raise ValueError(f"no gradient-norm metric for loss term {loss_key!r}: known {', '.join(GRADNORM_KEYS)}")
+    return key
 
 
 def final_metric(metric: str) -> str:

@@ -30,6 +30,7 @@ from trainables.config import Defense, EmbeddingSpace, InnerNeighbourhood, Neigh
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
+from trainables.names import gradnorm_key
 
 ROBUSTVLM_SIGN_MOMENTUM = 0.9  # train/pgd_train.py's momentum default, which FARE's training uses
 
@@ -170,3 +171,34 @@ def tecoa_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tens
 
 
 STEPS = {Defense.MAVA: mava_step, Defense.FARE: fare_step, Defense.TECOA: tecoa_step}
+
+
+def term_weights(config: TrainConfig) -> dict[str, float]:
+    """Loss term -> its weight in the step's ``loss`` (Eq. 6's a, b, c for MAVA; FARE and TeCoA have one term)."""
+    if config.defense is Defense.MAVA:
+        return {"l_cms": config.a, "l_vsse": config.b, "l_sca": config.c}
+    return {"l_fare": 1.0} if config.defense is Defense.FARE else {"l_tecoa": 1.0}
+
+
+def term_gradient_norms(terms: dict[str, torch.Tensor], config: TrainConfig, parameters: list[torch.Tensor]) -> dict[str, float]:
+    """``{"gradnorm_cms": ||grad a*L_CMS||, ...}``: the L2 norm, over all ``parameters``, of each weighted term's gradient.
+
+    Issue 14, defect 4: with raw embeddings L_VSSE and L_SCA grow with the squared
+    embedding norm while L_CMS is a bounded cosine, so the loss values alone do not say
+    which term drives the update; the gradient each term alone would give does. Called
+    on the step's own graph before ``loss.backward()`` (same batch, attack and train
+    mode as the update): ``torch.autograd.grad`` returns the gradients without touching
+    ``.grad``, and ``retain_graph`` keeps the graph for the update's backward. Costs one
+    extra backward per term, so the loop calls it on one batch per epoch. Under DDP the
+    gradients are this rank's (``autograd.grad`` does not all-reduce). A term the step did
+    not produce (L_CMS of a captioner) is absent.
+    """
+    trainable = [p for p in parameters if p.requires_grad]
+    norms = {}
+    for key, weight in term_weights(config).items():
+        if key not in terms:
+            continue
+        gradients = torch.autograd.grad(weight * terms[key], trainable, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in gradients if g is not None]
+        norms[gradnorm_key(key)] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    return norms

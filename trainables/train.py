@@ -38,7 +38,7 @@ from trainables.models import load_model
 from trainables.models.base import VLPModel
 from trainables.names import EPOCH, EPOCH_SECONDS, SETUP_SECONDS, TRAIN_SECONDS, train_metric
 from trainables.seeds import TRAIN_ATTACK, TRAIN_ORDER, derive_seed
-from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step
+from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step, term_gradient_norms
 from trainables.tasks import EpochEval, Task, task_info
 
 # Called once per epoch with the epoch's metrics and its checkpoint directory (None on ranks > 0).
@@ -172,6 +172,7 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
                             generator=None if sampler is not None else order, collate_fn=collate, drop_last=False)
         generator = epoch_generator(config.seed, epoch, rank, device)
         totals: dict[str, float] = {}
+        gradient_norms: dict[str, float] = {}
         seen = 0
         for batch_index, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress or rank != 0, unit="batch")):
             images = batch.images.to(device)
@@ -183,6 +184,8 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
             loss = terms["loss"]
             if not _finite_on_every_rank(loss, distributed):
                 raise NonFiniteLossError(_nonfinite_reason(terms, config, epoch, batch_index, distributed))
+            if batch_index == 0:  # each term's share of the update (train/gradnorm_*), on one batch: cheap
+                gradient_norms = term_gradient_norms(terms, config, list(model.vision.parameters()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -190,7 +193,8 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
                 totals[key] = totals.get(key, 0.0) + value.item() * len(images)
             seen += len(images)
         train_seconds = time.perf_counter() - epoch_started
-        metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed), TRAIN_SECONDS: train_seconds}
+        metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed),
+                   **_average_across_ranks(gradient_norms, 1, distributed), TRAIN_SECONDS: train_seconds}
         if rank == 0 and _evaluates(config, epoch):
             metrics.update(evaluate_model(model, eval_set, config, progress=progress))
         metrics[EPOCH_SECONDS] = time.perf_counter() - epoch_started
