@@ -283,8 +283,8 @@ def test_optuna_sees_each_configuration_once_told_the_mean_over_its_seeds():
     repeater.set_search_properties(None, None, {"a": __import__("ray").tune.loguniform(0.001, 0.1)})
     configs = [repeater.suggest(f"t{i}") for i in range(3)]
     assert [c["seed"] for c in configs] == [0, 1, 2] and len({c["a"] for c in configs}) == 1  # one point, three seeds
-    for trial, value in zip(("t0", "t1", "t2"), (10.0, 20.0, float("nan"))):  # t2 failed: left out of the mean
-        repeater.on_trial_complete(trial, {"final/pgd/eps4/tr1": value} if value == value else None)
+    for trial, value in zip(("t0", "t1", "t2"), (10.0, 20.0, None)):  # t2 failed (no result): left out of the mean
+        repeater.on_trial_complete(trial, None if value is None else {"final/pgd/eps4/tr1": value})
     (told,) = repeater.searcher._ot_study.trials
     assert told.values == [15.0]
     assert repeater.suggest("t3")["a"] != configs[0]["a"]  # the next configuration starts a new group

@@ -12,7 +12,7 @@ from trainables.evaluation.uncertainty import (IR, TR, QueryRanks, bootstrap_rec
 def ranks(image_hits: list[bool], caption_hits: list[bool], caption_image: list[int], attack: str = "clean",
           eps: float | None = None) -> QueryRanks:
     """Ranks giving these hits at K=1 (a hit: rank 0; a miss: rank 3)."""
-    as_ranks = lambda hits: np.where(np.asarray(hits), 0, 3).astype(np.int32)  # noqa: E731
+    as_ranks = lambda hits: np.where(np.asarray(hits), 0, 3).astype(np.int32)
     return QueryRanks(attack, eps, as_ranks(image_hits), as_ranks(caption_hits), np.asarray(caption_image, dtype=np.int32))
 
 
