@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from html import escape
 
+from platform.seed_spread import cell_text
 from trainables.names import CLEAN
 
 STYLE = """
@@ -100,7 +101,11 @@ def _attack_label(prefix: str) -> str:
 
 
 def paper_table_html(text_columns: list[str], metric_columns: list[str], tail_columns: list[str], rows: list[dict]) -> str:
-    """Rows model × defense × eps; the best value of each metric column in bold (class ``best``)."""
+    """Rows model × defense × eps; the best mean of each metric column in bold (class ``best``).
+
+    A metric cell reads ``mean ± std [low, high]`` when the row has a ``spread`` for it
+    (``platform.seed_spread``: the seeds' standard deviation, the bootstrap 95% interval over test images).
+    """
     best = best_values(metric_columns, rows)
     top, bottom = metric_header(metric_columns)
     head = "".join(f'<th rowspan="2">{escape(c)}</th>' for c in text_columns)
@@ -110,7 +115,8 @@ def paper_table_html(text_columns: list[str], metric_columns: list[str], tail_co
         cells = [f'<td class="text">{escape(cell(row.get(c)))}</td>' for c in text_columns]
         for column in metric_columns:
             mark = ' class="best"' if column in best and row.get(column) == best[column] else ""
-            cells.append(f'<td data-column="{escape(column)}"{mark}>{escape(cell(row.get(column)))}</td>')
+            text = cell_text(row.get(column), row.get("spread", {}).get(column))  # mean ± std [bootstrap 95%]
+            cells.append(f'<td data-column="{escape(column)}"{mark}>{escape(text)}</td>')
         cells += [f'<td class="path">{escape(cell(row.get(c)))}</td>' for c in tail_columns]
         lines.append(f"<tr>{''.join(cells)}</tr>")
     lines.append("</tbody></table>")

@@ -2,7 +2,7 @@
 
 The page holds the paper-style table (model × defense × eps; clean and every
 attack × eps TR@1/IR@1, a captioner's BLEU-4/METEOR/ROUGE-L/CIDEr, best per column
-in bold), the clean-vs-robust trade-off with its Pareto front, Optuna's
+in bold; each cell the mean ± std over seeds with a bootstrap 95% interval over test images), the clean-vs-robust trade-off with its Pareto front, Optuna's
 hyperparameter importances and a scatter of every searched param against the
 objective (robust recall; a captioner sweep's own, ``clean/cider``), a table of
 every trial (MLflow run id, checkpoint artifact), each group's best trial's
@@ -37,7 +37,7 @@ from platform.compare import CAPTION_RANK, check_tracking_store, comparison_rows
 from trainables.errors import UserError
 from trainables.tasks import Task
 
-TEXT_COLUMNS = ["model", "defense", "eps", "trials"]
+TEXT_COLUMNS = ["model", "defense", "eps", "trials", "seeds"]
 TAIL_COLUMNS = ["run_id", "checkpoint"]
 AddFigure = Callable[[str, str, Figure], str]  # (file stem, title, figure) -> its <figure> HTML
 
@@ -62,8 +62,10 @@ def paper_section(client: MlflowClient, records: ExperimentRecords, robust: str 
     ranked = robust or "the last robust TR@1 column"
     if any(is_caption_metric(m) for m in metrics) and ranked != CAPTION_RANK:
         ranked += f" (a row that does not record it: by {CAPTION_RANK} for a captioner, the last robust TR@1 column otherwise)"
-    return (page.note_html(f"Each row is the best finished trial of its model × defense × training eps by {ranked}; "
-                           "the best value of each column is in bold.")
+    return (page.note_html(f"Each row is the best configuration of its model × defense × training eps by {ranked} (its finished "
+                           "trials that differ only in seed, ranked by their mean); a cell reads mean ± standard deviation over "
+                           "the seeds, then [the bootstrap 95% interval over test images] for TR@1/IR@1 (1000 resamples of the "
+                           "images, a caption with its image; docs/dashboards.md); the best mean of each column is in bold.")
             + page.paper_table_html(TEXT_COLUMNS, metrics, TAIL_COLUMNS, rows))
 
 

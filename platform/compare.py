@@ -1,13 +1,17 @@
 """Paper-style comparison table from MLflow: ``python -m platform.compare --experiment NAME``.
 
-Rows: model × defense × training eps (the best finished trial of each group by
-``--rank-by``); columns: clean TR@1/IR@1 and every attack × eps TR@1/IR@1 found in
+Rows: model × defense × training eps: the best configuration of each group by
+``--rank-by`` (trials sharing every param but ``seed`` form one configuration,
+ranked by their mean over seeds); columns: clean TR@1/IR@1 and every attack × eps TR@1/IR@1 found in
 the runs, then, for captioners (``hf-blip-cap``), clean BLEU-4, METEOR (with Java),
 ROUGE-L, CIDEr (SPICE with its jars) and any attack × eps of them. An experiment
 mixing both has the union of the columns; a row lacks the other kind's cells.
 By default a retrieval group is ranked by the last robust TR@1 column (else clean
 TR@1) and a captioner group by ``clean/cider``, the objective its sweeps optimise.
-Reads MLflow only; it never recomputes a metric.
+A cell is the configuration's mean over its seeds, printed ``mean ± std [low, high]``:
+the standard deviation over seeds (with two seeds or more) and, for recall cells,
+the bootstrap 95% interval over test images from the ranks each trial uploaded
+(``platform/seed_spread.py``). Reads MLflow only; it never recomputes a metric.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from platform.cli import run_cli
+from platform.seed_spread import cell_spreads, cell_text, configurations, seed_mean
 from trainables.errors import UserError
 from trainables.names import CLEAN, DEFENSE_TAG, EPS_TAG, MODEL_TAG, ROLE_TAG, ROLE_TRIAL, STATUS_FINISHED, TASK_TAG, metric_name
 from trainables.tasks import Task, task_info, task_of_metrics
@@ -103,7 +108,12 @@ def find_experiment(client: MlflowClient, experiment_name: str) -> Experiment:
 
 
 def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
-    """One row per model × defense × eps: the group's best finished trial by :func:`rank_metric`; returns (columns, rows)."""
+    """One row per model × defense × eps: the group's best configuration by :func:`rank_metric`; returns (columns, rows).
+
+    A metric cell is the configuration's mean over its seeds; ``row["spread"]`` maps each cell to its
+    :class:`~platform.seed_spread.Spread`; ``seeds`` counts the configuration's trials; ``run_id`` is its
+    best seed's run (by the same metric), the checkpoint to use.
+    """
     experiment = find_experiment(client, experiment_name)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}' and attributes.status = '{STATUS_FINISHED}'")
     if not runs:
@@ -120,21 +130,46 @@ def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | N
     for (model, defense, eps), members in sorted(groups.items()):
         names = {name for run in members for name in run.data.metrics}
         metric = rank_metric(names, rank_by, recall_default, group_task([run.data.tags for run in members], names))
-        best = max(members, key=lambda r: r.data.metrics.get(metric, float("-inf")))
-        row = {"model": model, "defense": defense, "eps": eps, "trials": len(members)}
-        row.update({c: best.data.metrics.get(c) for c in columns})
+        configuration = max(configurations(members), key=lambda runs: _or_lowest(seed_mean(runs, metric)))
+        best = max(configuration, key=lambda r: r.data.metrics.get(metric, float("-inf")))
+        row = {"model": model, "defense": defense, "eps": eps, "trials": len(members), "seeds": len(configuration)}
+        row.update({c: seed_mean(configuration, c) for c in columns})
         row["run_id"] = best.info.run_id
+        row["spread"] = cell_spreads(client, configuration, columns)
         rows.append(row)
-    return ["model", "defense", "eps", "trials", *columns, "run_id"], rows
+    return ["model", "defense", "eps", "trials", "seeds", *columns, "run_id"], rows
+
+
+def _or_lowest(value: float | None) -> float:
+    return float("-inf") if value is None else value
 
 
 def markdown(columns: list[str], rows: list[dict]) -> str:
-    def cell(value) -> str:
-        return f"{value:.1f}" if isinstance(value, float) else ("-" if value is None else str(value))
+    """The table; a metric cell reads ``mean ± std [low, high]`` (seeds' spread, bootstrap 95% over test images)."""
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        if isinstance(value, float):
+            return cell_text(value, row.get("spread", {}).get(column))
+        return "-" if value is None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def csv_rows(columns: list[str], rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """The table with, after each metric column, ``<column> std``, ``<column> ci_low``, ``<column> ci_high``."""
+    metric_columns = [c for c in columns if "/" in c]
+    header = [name for c in columns for name in ([c, f"{c} std", f"{c} ci_low", f"{c} ci_high"] if c in metric_columns else [c])]
+    flat = []
+    for row in rows:
+        out = {c: row.get(c) for c in columns}
+        for c in metric_columns:
+            spread = row.get("spread", {}).get(c)
+            out[f"{c} std"] = spread.std if spread else None
+            out[f"{c} ci_low"], out[f"{c} ci_high"] = spread.interval if spread and spread.interval else (None, None)
+        flat.append(out)
+    return header, flat
 
 
 def main() -> int:
@@ -153,10 +188,11 @@ def main() -> int:
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     if args.csv:
+        header, flat = csv_rows(columns, rows)
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer = csv.DictWriter(handle, fieldnames=header)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(flat)
     return 0
 
 

@@ -67,7 +67,7 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
     path = os.path.join(locations.storage_path, sweep_id)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    searched = sorted(spec.space)
+    searched = spec.searched_keys()  # the space's keys, and seed with search.seeds
     param_space = {
         **tune_space(spec),
         "train": spec.fixed_options(),

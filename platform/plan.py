@@ -32,11 +32,14 @@ def _value(key: str, value: Any) -> str:
 def describe_plan(spec: SweepSpec, source: str, locations: Locations, sweep_id: str, resume: bool, model_note: str) -> str:
     """Trials, search algorithm, objectives, resources, locations and every training option of the sweep."""
     search, r = spec.search, spec.resources
+    per_seed = "" if search.seeds is None else f", once per seed {yaml_line(search.seeds)} (search.seeds)"
     if search.algorithm is Algorithm.GRID:
-        trials = f"{planned_trials(spec)} (grid: every combination of the choices once)"
+        trials = f"{planned_trials(spec)} (grid: every combination of the choices{per_seed or ' once'})"
     else:
         first = f"; the first {len(search.initial_points)} from search.initial_points" if search.initial_points else ""
-        trials = f"{planned_trials(spec)} ({search.algorithm.value}, Optuna seed {search.seed}{first})"
+        configurations = "" if search.seeds is None else (f"{search.num_trials} configurations{per_seed}, Optuna told each "
+                                                          "configuration's mean over its seeds; ")
+        trials = f"{planned_trials(spec)} ({configurations}{search.algorithm.value}, Optuna seed {search.seed}{first})"
     scheduler = "none (every trial runs all its epochs)"
     if search.scheduler is not None:
         scheduler = (f"ASHA on {search.objectives[0].metric} (grace_period {search.scheduler.grace_period}, "
@@ -60,6 +63,8 @@ def describe_plan(spec: SweepSpec, source: str, locations: Locations, sweep_id: 
     width = max(map(len, options))
     for key, value in options.items():
         shown = _distribution(key, spec.space[key]) if key in spec.space else _value(key, value)
+        if key == "seed" and search.seeds is not None:
+            shown = f"~ {yaml_line(search.seeds)} (search.seeds: every point once per seed)"
         lines.append(f"  {key.ljust(width)}  {shown}")
     lines.append("checked only: Ray was not started and nothing was written to MLflow; run without --check to start the sweep")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ def trial_rows(results: tune.ResultGrid, spec: SweepSpec) -> list[dict]:
         config = training_options(result.config) if result.config else {}
         metrics = result.metrics or {}
         row = {"trial": metrics.get("trial_id", "?"), "status": "ERROR" if result.error else "OK"}
-        row.update({k: config.get(k) for k in sorted(spec.space)})
+        row.update({k: config.get(k) for k in spec.searched_keys()})  # with search.seeds, also each trial's seed
         row["epochs"] = metrics.get(EPOCH)
         for metric in spec.objective_metrics():
             row[metric] = metrics.get(final_key(metric))

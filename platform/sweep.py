@@ -43,7 +43,8 @@ def parent_params(spec: SweepSpec, source: str) -> dict:
         "sweep_file": source, "algorithm": spec.search.algorithm.value, "num_trials": planned_trials(spec),
         "objectives": json.dumps([o.model_dump(mode="json") for o in spec.search.objectives]),
         "space": json.dumps({k: v.model_dump(mode="json") for k, v in spec.space.items()}),
-        **{f"fixed.{k}": v for k, v in spec.fixed_options().items() if k not in spec.space},
+        **({"seeds": json.dumps(spec.search.seeds)} if spec.search.seeds is not None else {}),
+        **{f"fixed.{k}": v for k, v in spec.fixed_options().items() if k not in spec.searched_keys()},
     }
 
 

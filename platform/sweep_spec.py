@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from platform.sweep_checks import check_devices, check_objectives, check_space, normalize_eps_values, refuse_foreign_forms
 from trainables.config import TrainConfig, describe_validation_error
@@ -76,6 +76,19 @@ class Search(Strict):
     objectives: list[Objective] = Field(min_length=1)
     scheduler: Asha | None = None
     initial_points: list[dict[str, Any]] = []  # evaluated first, e.g. the paper's {a: 0.002, b: 0.4, c: 0.6}
+    # Every point (grid point, or configuration Optuna samples) runs once per seed, its trial's param ``seed``
+    # (the training seed: init order, attacks, evaluation); None: one trial per point at experiment.seed.
+    seeds: list[StrictInt] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError("search.seeds is empty: list the training seeds every point runs with, e.g. [0, 1, 2], or remove the key")
+        repeated = sorted({seed for seed in seeds or [] if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"search.seeds repeats {', '.join(map(str, repeated))}: a repeated seed reruns the same trial; list each seed once")
+        return seeds
 
 
 class Uniform(Strict):
@@ -143,7 +156,16 @@ class SweepSpec(Strict):
             raise ValueError("search.scheduler (ASHA) needs a single objective: remove it or keep one objective")
         if self.search.algorithm is Algorithm.NSGA2 and len(self.search.objectives) < 2:
             raise ValueError("search.algorithm nsga2 is for several objectives: list at least two, or use tpe")
+        if self.search.seeds is not None and "seed" in self.space:
+            raise ValueError("seed is both in space: and in search.seeds: keep search.seeds (every point once per seed) and remove space.seed")
+        if self.search.seeds is not None and self.search.scheduler is not None and self.search.algorithm is not Algorithm.GRID:
+            raise ValueError(f"search.seeds with search.scheduler: ASHA would stop some seeds of a point and not others, and "
+                             f"{self.search.algorithm.value} is told their mean; remove one of them")
         return self
+
+    def searched_keys(self) -> list[str]:
+        """The options a trial's Tune config holds at its top level: the space's keys, and ``seed`` with search.seeds."""
+        return sorted({*self.space, *(["seed"] if self.search.seeds is not None else [])})
 
     def fixed_options(self) -> dict[str, Any]:
         """Every TrainConfig field of the experiment as plain JSON values (what Tune passes to each trial)."""
@@ -172,7 +194,8 @@ class SweepSpec(Strict):
         return [objective.metric for objective in self.search.objectives]
 
     def grid_size(self) -> int:
-        return math.prod(len(d.values) for d in self.space.values() if isinstance(d, Choice))
+        """Grid points times seeds: the trials a grid sweep runs."""
+        return math.prod(len(d.values) for d in self.space.values() if isinstance(d, Choice)) * len(self.search.seeds or [0])
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:

@@ -32,7 +32,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFAC
                               ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG,
                               PARENT_RUN_TAG, REGISTERED_AS_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING,
                               SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, EFFECTIVE_BATCH_SIZE, EXAMPLES_ARTIFACT_DIR,
-                              eps_fraction)
+                              RANKS_FILE, eps_fraction)
 from trainables.errors import UserError
 from trainables.ray_worker import training_options
 from trainables.tasks import task_info
@@ -269,11 +269,14 @@ class MlflowTrialTracker(Callback):
         self._ended.add(trial.trial_id)
 
     def log_checkpoint(self, run_id: str, trial_params: dict[str, Any], checkpoint: Path) -> None:
-        """Upload the robust encoder (safetensors) with its card under ``checkpoint/``, its example pictures under ``examples/``."""
+        """Upload the robust encoder (safetensors) with its card and the final evaluation's ranks under ``checkpoint/``,
+        its example pictures under ``examples/``."""
         state = json.loads((checkpoint / STATE_FILE).read_text())
         with tempfile.TemporaryDirectory() as staging:
             staging_dir = Path(staging)
             shutil.copy2(checkpoint / VISION_FILE, staging_dir / VISION_FILE)
+            if (checkpoint / RANKS_FILE).is_file():  # what platform.compare bootstraps over test images
+                shutil.copy2(checkpoint / RANKS_FILE, staging_dir / RANKS_FILE)
             write_card(staging_dir, trial_params, numeric_metrics(state["metrics"]), staging_dir / VISION_FILE)
             self.client.log_artifacts(run_id, str(staging_dir), CHECKPOINT_ARTIFACT_DIR)
         if (checkpoint / EXAMPLES_ARTIFACT_DIR).is_dir():  # adversarial-example pictures of the last epoch

@@ -19,7 +19,7 @@ from platform.compare import caption_columns, comparison_rows, markdown, recall_
 from platform.tracking import SWEEP_TAG, TRIAL_TAG
 from trainables.names import CAPTION_KEYS
 
-TEXT = ["model", "defense", "eps", "trials"]
+TEXT = ["model", "defense", "eps", "trials", "seeds"]
 RECALL = ["clean/tr1", "clean/ir1", "pgd/eps4/tr1", "pgd/eps4/ir1"]
 
 
@@ -81,7 +81,7 @@ def test_a_mixed_experiment_has_the_union_of_columns_and_ranks_each_kind_by_its_
         _, ranked = comparison_rows(client, "mixed", rank_by=rank_by)
         assert [trial_of(client, rows_by_group(ranked)[g]["run_id"]) for g in ((RETRIEVER, "4/255"), (CAPTIONER, "2/255"))] == ["r2", "c2"]
     table = markdown(columns, rows).splitlines()
-    assert table[0].startswith("| model | defense | eps | trials | clean/tr1 |") and "clean/cider" in table[0]
+    assert table[0].startswith("| model | defense | eps | trials | seeds | clean/tr1 |") and "clean/cider" in table[0]
     retrieval_line = next(line for line in table if line.startswith(f"| {RETRIEVER} |"))
     assert retrieval_line.split(" | ")[len(TEXT) + len(RECALL):-1] == ["-", "-", "-", "-"]  # no caption cells
 
@@ -107,3 +107,47 @@ def test_every_caption_cell_is_the_value_mlflow_holds(fake_sweeps_store, experim
         metrics = client.get_run(row["run_id"]).data.metrics
         assert {c: row[c] for c in columns if c in metrics} == {c: metrics[c] for c in columns if c in metrics}
         assert all(row[c] is None for c in columns if "/" in c and c not in metrics)
+
+
+def test_seeds_are_averaged_per_configuration_with_their_spread_and_an_image_bootstrap(fake_sweeps_store):
+    client = MlflowClient(fake_sweeps_store)
+    columns, rows = comparison_rows(client, "seeds")
+    assert columns == [*TEXT, *RECALL, "run_id"]
+    by_defense = {row["defense"]: row for row in rows}
+    mava, fare = by_defense["mava"], by_defense["fare"]
+    # MAVA: the 1-seed configuration (25.0) beats the 2-seed one's mean (22.5) though s2 alone holds 30.0.
+    assert (mava["trials"], mava["seeds"], trial_of(client, mava["run_id"])) == (3, 1, "s3")
+    assert mava["pgd/eps4/tr1"] == 25.0 and mava["spread"]["pgd/eps4/tr1"].std is None
+    # FARE: two seeds, clean TR@1 40 and 30: mean 35, sample std sqrt(50).
+    assert (fare["seeds"], fare["clean/tr1"], fare["pgd/eps4/tr1"]) == (2, 35.0, 20.0)
+    spread = fare["spread"]["clean/tr1"]
+    assert spread.seeds == 2 and spread.std == pytest.approx(50 ** 0.5)
+    low, high = spread.interval
+    assert low < 35.0 < high and high - low < 60  # the seed-mean's interval over 20 resampled images
+    assert fare["spread"]["clean/ir1"].interval[0] < 30.0 < fare["spread"]["clean/ir1"].interval[1]
+    again = {row["defense"]: row for row in comparison_rows(client, "seeds")[1]}
+    assert again["fare"]["spread"]["clean/tr1"].interval == (low, high)  # a fixed bootstrap seed
+    line = next(line for line in markdown(columns, rows).splitlines() if "| fare |" in line)
+    assert f"| 35.0 ± 7.1 [{low:.1f}, {high:.1f}] |" in line
+
+
+def test_the_csv_carries_each_cells_std_and_interval(fake_sweeps_store, tmp_path, monkeypatch, capsys):
+    out_csv = tmp_path / "seeds.csv"
+    monkeypatch.setattr(sys, "argv", ["platform.compare", "--experiment", "seeds", "--tracking-uri", fake_sweeps_store, "--csv", str(out_csv)])
+    assert compare.main() == 0
+    assert "35.0 ± 7.1 [" in capsys.readouterr().out
+    with open(out_csv, newline="") as handle:
+        fare = next(row for row in csv.DictReader(handle) if row["defense"] == "fare")
+    assert float(fare["clean/tr1"]) == 35.0 and float(fare["clean/tr1 std"]) == pytest.approx(50 ** 0.5)
+    assert float(fare["clean/tr1 ci_low"]) < 35.0 < float(fare["clean/tr1 ci_high"])
+
+
+def test_the_reports_paper_table_shows_each_cells_spread_and_interval(fake_sweeps_store, tmp_path):
+    from dashboards.report import build_report
+
+    client = MlflowClient(fake_sweeps_store)
+    html = build_report(client, "seeds", fake_sweeps_store, tmp_path / "r.html").html_path.read_text()
+    fare = {row["defense"]: row for row in comparison_rows(client, "seeds")[1]}["fare"]
+    low, high = fare["spread"]["clean/tr1"].interval
+    assert f'<td data-column="clean/tr1">35.0 ± 7.1 [{low:.1f}, {high:.1f}]</td>' in html
+    assert "mean ± standard deviation over the seeds" in html

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,10 +15,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
+from platform import compare
 from platform.results import pareto_front
 from platform.sweep import run_sweep
 from platform.sweep_spec import parse_sweep_spec
 from platform.tracking import ROLE_TAG, SWEEP_TAG, sha256_of
+from trainables.evaluation.uncertainty import TR, read_ranks, recall_of
+from trainables.names import RANKS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +42,9 @@ def trial_runs(client, experiment_name):
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
 
 
-def test_multi_objective_sweep_records_everything_in_mlflow(ray_session, random_tiny_clip_weights, tmp_path):
-    data = tiny_sweep(random_tiny_clip_weights, "multi", algorithm="nsga2",
+def test_multi_objective_sweep_records_everything_in_mlflow(ray_session, random_tiny_clip_weights, tmp_path, capsys, monkeypatch):
+    # One configuration run once per seed (search.seeds): Optuna is told its mean, MLflow records each seed's trial.
+    data = tiny_sweep(random_tiny_clip_weights, "multi", algorithm="nsga2", num_trials=1, seeds=[0, 1],
                       objectives=[{"metric": "pgd/eps4/tr1", "mode": "max"}, {"metric": "clean/tr1", "mode": "max"}])
     spec = parse_sweep_spec(data, "multi.yaml")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -63,8 +69,16 @@ def test_multi_objective_sweep_records_everything_in_mlflow(ray_session, random_
         assert card["sha256"] == sha256_of(os.path.join(local, "vision.safetensors"))
         assert card["defense"] == "mava" and card["base_model"].startswith("tiny-clip@")
         assert load_file(os.path.join(local, "vision.safetensors"))
+        ranks = read_ranks(os.path.join(local, RANKS_FILE))  # the final evaluation's ranks, what compare bootstraps
+        assert recall_of(ranks[("clean", None)], TR) == pytest.approx(run.data.metrics["clean/tr1"])
+    assert sorted(run.data.params["seed"] for run in children) == ["0", "1"]
+    assert len({(run.data.params["a"], run.data.params["N"]) for run in children}) == 1  # the same point, twice
     registered = client.get_registered_model("multi-robust-vision")
     assert "best" in registered.aliases
+    monkeypatch.setattr(sys, "argv", ["platform.compare", "--experiment", "multi", "--tracking-uri", uri])
+    assert compare.main() == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"\| 2 \| 2 \| [0-9.]+ ± [0-9.]+ \[[0-9.]+, [0-9.]+\] \|", row)  # trials, seeds, clean/tr1: mean ± std [interval]
 
 
 def test_same_file_and_seed_suggest_the_same_first_trials():

@@ -58,6 +58,11 @@ MISTAKES = [
     ("space.a", {"distribution": "loguniform", "low": -1, "high": 0.01}, r"space.a.loguniform.low'.*greater than 0"),
     ("space.a", {"distribution": "gaussian", "mu": 0}, r"space.a'.*does not match any of the expected tags.*'uniform', 'loguniform', 'int', 'choice', 'fixed'"),
     ("space.eps", {"distribution": "choice", "values": ["2/255", 3]}, r"eps .*3.*outside \(0, 1\]"),
+    ("search.seeds", [], r"search.seeds is empty: list the training seeds"),
+    ("search.seeds", [0, 1, 1, 2, 2], r"search.seeds repeats 1, 2: .*list each seed once"),
+    ("search.seeds", [0, 1.5], r"search.seeds.1'.*valid integer"),
+    ("search.seeds", [0, "1"], r"search.seeds.1'.*valid integer"),
+    ("search.seeds", 3, r"search.seeds'.*valid list"),
     ("space.N", {"distribution": "int", "low": -1, "high": 3}, r"space: key 'N' value -1: .*greater than or equal to 1"),
     ("space.M", {"distribution": "uniform", "low": 1, "high": 5}, r"key 'M' takes integers"),
     ("space.beta_gamma", {"distribution": "uniform", "low": 0, "high": 1}, r"key 'beta_gamma' is not a searchable training option; searchable: .*a, b, c"),
@@ -238,3 +243,64 @@ def test_initial_points_are_checked_like_trials():
     data["search"]["initial_points"] = [{"N": 0}]
     with pytest.raises(UserError, match=r"search.initial_points\[0\]: Input should be greater than or equal to 1"):
         parse_sweep_spec(data, "sweep.yaml")
+
+
+def test_seeds_cannot_also_be_searched_nor_split_by_asha():
+    both = with_change("space.seed", {"distribution": "choice", "values": [0, 1]}) | {}
+    both["search"]["seeds"] = [0, 1]
+    with pytest.raises(UserError, match="seed is both in space: and in search.seeds"):
+        parse_sweep_spec(both, "t.yaml")
+    asha = with_change("search.scheduler", {"type": "asha"})
+    asha["search"]["seeds"] = [0, 1]
+    with pytest.raises(UserError, match="search.seeds with search.scheduler: ASHA would stop some seeds"):
+        parse_sweep_spec(asha, "t.yaml")
+
+
+def test_a_grid_runs_every_point_once_per_seed_and_the_seed_is_the_trials_param():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from platform.search import num_samples, planned_trials, tune_space
+
+    data = with_change("search.algorithm", "grid")
+    data["search"]["seeds"] = [3, 7]
+    data["space"] = {"defense": {"distribution": "choice", "values": ["mava", "fare", "tecoa"]}}
+    spec = parse_sweep_spec(data, "t.yaml")
+    assert planned_trials(spec) == 6 and num_samples(spec) == 1  # one pass over a grid of 3 x 2
+    assert spec.searched_keys() == ["defense", "seed"]  # what each trial records from its Tune config
+    points = sorted((config["defense"], config["seed"]) for _, config in generate_variants(tune_space(spec)))
+    assert points == sorted((d, s) for d in ("mava", "fare", "tecoa") for s in (3, 7))
+
+
+def test_optuna_sees_each_configuration_once_told_the_mean_over_its_seeds():
+    from ray.tune.search import ConcurrencyLimiter
+
+    from platform.search import SeedRepeater, num_samples, planned_trials, searcher
+
+    data = with_change("search.seeds", [0, 1, 2])
+    spec = parse_sweep_spec(data, "t.yaml")
+    assert planned_trials(spec) == num_samples(spec) == 6  # 2 configurations x 3 seeds
+    search = searcher(spec, study_name="seeds-test")
+    assert isinstance(search, ConcurrencyLimiter) and isinstance(search.searcher, SeedRepeater)
+    repeater = search.searcher
+    repeater.set_search_properties(None, None, {"a": __import__("ray").tune.loguniform(0.001, 0.1)})
+    configs = [repeater.suggest(f"t{i}") for i in range(3)]
+    assert [c["seed"] for c in configs] == [0, 1, 2] and len({c["a"] for c in configs}) == 1  # one point, three seeds
+    for trial, value in zip(("t0", "t1", "t2"), (10.0, 20.0, None)):  # t2 failed (no result): left out of the mean
+        repeater.on_trial_complete(trial, None if value is None else {"final/pgd/eps4/tr1": value})
+    (told,) = repeater.searcher._ot_study.trials
+    assert told.values == [15.0]
+    assert repeater.suggest("t3")["a"] != configs[0]["a"]  # the next configuration starts a new group
+
+
+def test_nsga2_seeds_average_each_objective_on_its_own():
+    from platform.search import searcher
+
+    data = with_change("search.seeds", [5, 6])
+    data["search"] |= {"algorithm": "nsga2", "num_trials": 4,
+                       "objectives": [{"metric": "clean/tr1", "mode": "max"}, {"metric": "pgd/eps4/tr1", "mode": "max"}]}
+    repeater = searcher(parse_sweep_spec(data, "t.yaml"), study_name="seeds-nsga2").searcher
+    repeater.set_search_properties(None, None, {"a": __import__("ray").tune.loguniform(0.001, 0.1)})
+    assert [repeater.suggest(t)["seed"] for t in ("t0", "t1")] == [5, 6]
+    repeater.on_trial_complete("t0", {"final/clean/tr1": 40.0, "final/pgd/eps4/tr1": 10.0})
+    repeater.on_trial_complete("t1", {"final/clean/tr1": 50.0, "final/pgd/eps4/tr1": 20.0})
+    assert repeater.searcher._ot_study.trials[0].values == [45.0, 15.0]

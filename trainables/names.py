@@ -75,6 +75,9 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # Ray's result key for a reported check
 DONE_FILE = "mava-trial-result.json"  # beside a finished Train run's checkpoints: its final result
 NONFINITE_FILE = "nonfinite.json"  # the marker checkpoint of a trial stopped by a NaN/inf loss
 RESULTS_FILE = "results.json"  # platform.finetune's numbers, beside its checkpoints
+# Beside an evaluated epoch's checkpoint (and under CHECKPOINT_ARTIFACT_DIR in MLflow): every test image's and
+# caption's rank, clean and per attack x eps (trainables.evaluation.uncertainty): what a bootstrap resamples.
+RANKS_FILE = "eval_ranks.parquet"
 
 # Values that are also plain words other names coincide with (a table's "trial" and "checkpoint" columns,
 # the "sweep" section of a trial's config): code uses the constants where it means these names, but the

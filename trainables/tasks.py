@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Callable
 
 from torch.utils.data import Dataset
 
 from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
-from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval
+from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval_rows, metrics_from_rows
+from trainables.evaluation.uncertainty import write_ranks
 from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
 
 
@@ -38,6 +40,7 @@ class EpochEval:
     seed: int
     k_test: int = 128  # ITM re-ranking depth, for models with an ITM head (trainables.evaluation.rerank)
     word_candidates: str | None = None  # the text attacks' word source (trainables.attacks.word_candidates); None = offline
+    ranks_file: Path | None = None  # retrieval: also write every query's rank here (trainables.evaluation.uncertainty)
 
 
 # (model, dataset, settings, progress) -> metrics named metric_name(attack, eps, key).
@@ -47,7 +50,10 @@ Evaluator = Callable[[object, Dataset, EpochEval, bool], dict[str, float]]
 def _evaluate_retrieval(model, dataset: Dataset, settings: EpochEval, progress: bool) -> dict[str, float]:
     eval_settings = EvalSettings(attacks=settings.attacks, eps=settings.eps, batch_size=settings.batch_size, seed=settings.seed,
                                  k_test=settings.k_test, text_candidates=settings.word_candidates)
-    return evaluate_retrieval(model, dataset, eval_settings, progress=progress)
+    rows = evaluate_retrieval_rows(model, dataset, eval_settings, progress=progress)
+    if settings.ranks_file is not None:
+        write_ranks(settings.ranks_file, [row.ranks for row in rows if row.ranks is not None])
+    return metrics_from_rows(rows)
 
 
 def _evaluate_captioning(model, dataset: Dataset, settings: EpochEval, progress: bool) -> dict[str, float]:

@@ -36,7 +36,7 @@ from trainables.errors import NonFiniteLossError, UserError
 from trainables.evaluation.examples import EXAMPLES_DIR, write_trial_examples
 from trainables.models import load_model
 from trainables.models.base import VLPModel
-from trainables.names import EPOCH, EPOCH_SECONDS, SETUP_SECONDS, TRAIN_SECONDS, train_metric
+from trainables.names import EPOCH, EPOCH_SECONDS, RANKS_FILE, SETUP_SECONDS, TRAIN_SECONDS, train_metric
 from trainables.seeds import TRAIN_ATTACK, TRAIN_ORDER, derive_seed
 from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step, term_gradient_norms
 from trainables.tasks import EpochEval, Task, task_info
@@ -104,16 +104,18 @@ def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, 
     return features
 
 
-def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progress: bool = False) -> dict[str, float]:
+def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progress: bool = False,
+                   ranks_file: Path | None = None) -> dict[str, float]:
     """The evaluation after an epoch: the evaluator of the model's task (``trainables.tasks``).
 
     Retrieval: recall (``clean/tr1``, ``pgd/eps4/ir1``, ...) clean and under ``eval_attacks``. Captioning:
     clean caption metrics (``clean/bleu4``, ``clean/cider``, ...; x100, BLIP's decoding); its robust numbers
     need attacks crafted on a retrieval surrogate (``python -m platform.evaluate_captions``, Table 8).
-    A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN.
+    A metric that cannot run offline (SPICE; METEOR without Java) is absent, not NaN. ``ranks_file``: retrieval
+    also writes every test query's rank there (what ``platform.compare`` bootstraps over test images).
     """
     settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed,
-                         k_test=config.k_test, word_candidates=config.word_candidates)
+                         k_test=config.k_test, word_candidates=config.word_candidates, ranks_file=ranks_file)
     return task_info(model.tasks[0]).evaluate(model, dataset, settings, progress)
 
 
@@ -195,14 +197,16 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
         train_seconds = time.perf_counter() - epoch_started
         metrics = {EPOCH: epoch, **_average_across_ranks(totals, seen, distributed),
                    **_average_across_ranks(gradient_norms, 1, distributed), TRAIN_SECONDS: train_seconds}
+        epoch_dir = checkpoint_root / f"epoch-{epoch:04d}"
         if rank == 0 and _evaluates(config, epoch):
-            metrics.update(evaluate_model(model, eval_set, config, progress=progress))
+            epoch_dir.mkdir(parents=True, exist_ok=True)  # the ranks file sits beside the checkpoint written below
+            metrics.update(evaluate_model(model, eval_set, config, progress=progress, ranks_file=epoch_dir / RANKS_FILE))
         metrics[EPOCH_SECONDS] = time.perf_counter() - epoch_started
         if setup_seconds is not None:
             metrics[SETUP_SECONDS], setup_seconds = setup_seconds, None
         checkpoint = None
         if rank == 0:
-            checkpoint = save_training_checkpoint(checkpoint_root / f"epoch-{epoch:04d}", model.vision, optimizer, epoch,
+            checkpoint = save_training_checkpoint(epoch_dir, model.vision, optimizer, epoch,
                                                   config.model_dump(mode="json"), metrics)
             if epoch == config.epochs and _draws_examples(config, model):
                 write_trial_examples(model, eval_set, config, checkpoint / EXAMPLES_DIR)

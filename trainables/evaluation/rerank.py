@@ -132,7 +132,12 @@ def rerank_similarity(model, images: torch.Tensor, captions_flat: list[str], sim
 
 
 def recall_from_scores(scores: RerankedScores, text_to_image: torch.Tensor) -> dict[str, float]:
-    """TR@1/5/10 and IR@1/5/10 in percent from re-ranked scores (same definitions as ``recall_at_k``).
+    """TR@1/5/10 and IR@1/5/10 in percent from re-ranked scores (same definitions as ``recall_at_k``; ranks: :func:`ranks_from_scores`)."""
+    return recall_from_ranks(*ranks_from_scores(scores, text_to_image))
+
+
+def ranks_from_scores(scores: RerankedScores, text_to_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's (I,) and each caption's (T,) rank under re-ranked scores.
 
     Ranks are pessimistic (a wrong item tied with the ground truth ranks above it) and
     non-finite scores are refused, as in ``recall_at_k``. A ground truth left outside the
@@ -143,4 +148,4 @@ def recall_from_scores(scores: RerankedScores, text_to_image: torch.Tensor) -> d
     never = torch.iinfo(torch.long).max  # a rank no K reaches
     image_ranks[best_gt_score <= OUTSIDE_TOP_K] = never  # never re-scored: a miss
     caption_ranks[gt_image_score <= OUTSIDE_TOP_K] = never
-    return recall_from_ranks(image_ranks, caption_ranks)
+    return image_ranks, caption_ranks

@@ -102,8 +102,8 @@ def recall_from_ranks(image_ranks: torch.Tensor, caption_ranks: torch.Tensor) ->
     return {key: metrics[key] for key in RECALL_KEYS}
 
 
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
-    """TR@1/5/10 and IR@1/5/10 in percent from cosine similarities (pessimistic ranks; NaN/inf refused).
+def ranks_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pessimistic ranks from cosine similarities: each image's (I,) and each caption's (T,); NaN/inf refused.
 
     Args:
         image_features: (I, D); text_features: (T, D); text_to_image: (T,) index of each caption's image.
@@ -112,4 +112,13 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_
     check_finite(text_features, "text features")
     similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T  # (I, T)
     image_ranks, caption_ranks, _, _ = retrieval_ranks(similarity, text_to_image)
-    return recall_from_ranks(image_ranks, caption_ranks)
+    return image_ranks, caption_ranks
+
+
+def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
+    """TR@1/5/10 and IR@1/5/10 in percent from cosine similarities (pessimistic ranks; NaN/inf refused).
+
+    Args:
+        image_features: (I, D); text_features: (T, D); text_to_image: (T,) index of each caption's image.
+    """
+    return recall_from_ranks(*ranks_at_k(image_features, text_features, text_to_image))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -25,8 +25,9 @@ from trainables.attacks.apgd import apgd_retrieval_attack
 from trainables.attacks.base import caption_centroids, eval_mode, frozen_eval, retrieval_loss
 from trainables.attacks.pgd_retrieval import pgd_retrieval_attack
 from trainables.data.items import collate
-from trainables.evaluation.rerank import itc_similarity, recall_from_scores, rerank_similarity, scoring_label
-from trainables.evaluation.retrieval import check_not_collapsed, recall_at_k
+from trainables.evaluation.rerank import itc_similarity, ranks_from_scores, rerank_similarity, scoring_label
+from trainables.evaluation.retrieval import check_not_collapsed, ranks_at_k, recall_from_ranks
+from trainables.evaluation.uncertainty import QueryRanks
 from trainables.names import CLEAN, RECALL_KEYS, eps_fraction, metric_name
 from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 
@@ -60,6 +61,8 @@ class RetrievalRow:
         images, captions: how many were scored (the recall's denominators).
         warnings: honesty-check warnings that concern this row.
         scoring: ``itc`` (cosine) or the ITM re-ranking that scored it, e.g. ``itc+itm@128``.
+        ranks: every image's and caption's rank (``trainables.evaluation.uncertainty``: what a
+            bootstrap over test images resamples); not in :meth:`to_json`, written apart as Parquet.
     """
 
     attack: str
@@ -71,6 +74,7 @@ class RetrievalRow:
     captions: int
     warnings: tuple[str, ...] = ()
     scoring: str = "itc"
+    ranks: QueryRanks | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"attack": self.attack, "eps": None if self.eps is None else eps_fraction(self.eps),
@@ -161,7 +165,7 @@ def _evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate, 
     threat = threat_label(surrogate)
     scoring = scoring_label(model, settings.k_test)
     # A collapsed encoder has no meaningful recall (only tie-breaking): refuse it with the reason, so a
-    # training trial fails instead of reporting a number (NaN features are refused by recall_at_k).
+    # training trial fails instead of reporting a number (NaN features are refused by ranks_at_k).
     check_not_collapsed(torch.cat(image_features[(CLEAN, None)]), f"clean image features of {model.spec}")
     rows = []
     for run in runs:
@@ -169,14 +173,16 @@ def _evaluate_retrieval_rows(model, dataset, settings: EvalSettings, surrogate, 
         same_texts = captions_by_run[run] == captions_by_run[(CLEAN, None)]
         text_features = clean_text_features if same_texts else _embed_texts(model, captions_by_run[run], settings.batch_size).float().cpu()
         features = torch.cat(image_features[run])
-        recalls = recall_at_k(features, text_features, text_to_image_tensor)
+        image_ranks, caption_ranks = ranks_at_k(features, text_features, text_to_image_tensor)
         if model.itm_scoring is not None:  # the model's own retrieval scoring: ITC top-k_test re-scored by ITM
             reranked = rerank_similarity(model, torch.cat(kept_images[run]), captions_by_run[run],
                                          itc_similarity(features, text_features), settings.k_test, rule=model.itm_scoring)
-            recalls = recall_from_scores(reranked, text_to_image_tensor)
-        rows.append(RetrievalRow(attack=attack_name, eps=eps, recalls=recalls, threat="none" if attack_name == CLEAN else threat,
+            image_ranks, caption_ranks = ranks_from_scores(reranked, text_to_image_tensor)
+        ranks = QueryRanks(attack_name, eps, image_ranks.numpy(), caption_ranks.numpy(), text_to_image_tensor.numpy())
+        rows.append(RetrievalRow(attack=attack_name, eps=eps, recalls=recall_from_ranks(image_ranks, caption_ranks),
+                                 threat="none" if attack_name == CLEAN else threat,
                                  text_source=", ".join(sorted(text_sources[run])) or None,
-                                 images=image_offset, captions=len(text_to_image), scoring=scoring))
+                                 images=image_offset, captions=len(text_to_image), scoring=scoring, ranks=ranks))
     return rows
 
 
