@@ -31,8 +31,8 @@ from trainables.models import model_kind
 from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_PATH_KEY, DEFENSE_TAG,
                               ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG,
                               PARENT_RUN_TAG, REGISTERED_AS_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING,
-                              SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, EFFECTIVE_BATCH_SIZE, EXAMPLES_ARTIFACT_DIR,
-                              RANKS_FILE, eps_fraction)
+                              SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, EFFECTIVE_BATCH_SIZE, EXAMPLES_ARTIFACT_DIR, RANKS_FILE,
+                              eps_fraction)
 from trainables.errors import UserError
 from trainables.ray_worker import training_options
 from trainables.tasks import task_info
@@ -269,8 +269,7 @@ class MlflowTrialTracker(Callback):
         self._ended.add(trial.trial_id)
 
     def log_checkpoint(self, run_id: str, trial_params: dict[str, Any], checkpoint: Path) -> None:
-        """Upload the robust encoder (safetensors) with its card and the final evaluation's ranks under ``checkpoint/``,
-        its example pictures under ``examples/``."""
+        """Upload the robust encoder, its card and the final ranks under ``checkpoint/``; example pictures under ``examples/``."""
         state = json.loads((checkpoint / STATE_FILE).read_text())
         with tempfile.TemporaryDirectory() as staging:
             staging_dir = Path(staging)
