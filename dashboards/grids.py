@@ -1,8 +1,9 @@
 """One-parameter grids (the paper's ablation figures): robust and clean recall against the parameter, over seeds.
 
 A sweep is a one-parameter grid when its finished trials vary in exactly one searched
-parameter besides ``seed`` (``search_spaces/ablation-*.yaml``: N, M, epochs,
-pgd_steps, ...). Then the report draws it as the paper's Figures 3, 4 and 6 do: for
+parameter besides ``seed`` and the training ``eps`` (``search_spaces/ablation-*.yaml``:
+N, M, epochs, pgd_steps, ablate, ...); each training eps gets its own figure, as the
+paper's MAVA² and MAVA⁴ rows. Then the report draws it as the paper's Figures 3, 4 and 6 do: for
 every attack × eps the mean of TR@1 and IR@1 (the paper's Figure 6 "average of IR@1
 and TR@1") against the parameter, one line per attack, each point the mean over the
 seeds with an error bar of their standard deviation (none with one seed), and the
@@ -25,6 +26,7 @@ from dashboards.records import ExperimentRecords, Sweep, Trial
 from trainables.names import CLEAN, STATUS_FINISHED
 
 SEED = "seed"
+GROUPING = (SEED, "eps")  # replicates (seeds) and the figure-per-value key (training eps) are not the grid's axis
 CLEAN_PREFIX = CLEAN  # metrics clean/tr1, clean/ir1
 
 
@@ -40,9 +42,9 @@ class GridPoint:
 
 
 def grid_parameter(sweep: Sweep, trials: Sequence[Trial]) -> str | None:
-    """The one searched parameter (besides the seed) this sweep's finished trials vary, or None."""
+    """The one searched parameter (besides the seed and the training eps) this sweep's finished trials vary, or None."""
     finished = [t for t in trials if t.sweep_id == sweep.sweep_id and t.status == STATUS_FINISHED]
-    varied = [key for key in sweep.searched() if key != SEED and len({t.params.get(key) for t in finished}) > 1]
+    varied = [key for key in sweep.searched() if key not in GROUPING and len({t.params.get(key) for t in finished}) > 1]
     return varied[0] if len(varied) == 1 else None
 
 
@@ -111,11 +113,15 @@ def grids_section(records: ExperimentRecords, add) -> str:
         parameter = grid_parameter(sweep, trials)
         if parameter is None:
             continue
-        points = grid_rows(trials, parameter)
-        parts.append(page.subheading_html(f"sweep {sweep.sweep_id}: {parameter}"))
-        parts.append(add(f"grid-{page.slug(sweep.sweep_id)}", f"{sweep.sweep_id}: recall against {parameter}",
-                         grid_figure(points, parameter, f"sweep {sweep.sweep_id}")))
-        rows = [{parameter: p.value, "series": p.series, "mean(TR@1, IR@1)": p.mean,
-                 "std over seeds": "-" if p.std is None else f"{p.std:.1f}", "seeds": p.seeds} for p in points]
-        parts.append(page.plain_table_html([parameter, "series", "mean(TR@1, IR@1)", "std over seeds", "seeds"], rows, "grid"))
+        for eps in sorted({t.eps for t in trials}):
+            points = grid_rows([t for t in trials if t.eps == eps], parameter)
+            if not points:
+                continue
+            label = f"sweep {sweep.sweep_id}: {parameter}, training eps {eps}"
+            parts.append(page.subheading_html(label))
+            parts.append(add(f"grid-{page.slug(sweep.sweep_id)}-eps{page.slug(eps)}", f"{label}: recall against {parameter}",
+                             grid_figure(points, parameter, label)))
+            rows = [{parameter: p.value, "series": p.series, "mean(TR@1, IR@1)": p.mean,
+                     "std over seeds": "-" if p.std is None else f"{p.std:.1f}", "seeds": p.seeds} for p in points]
+            parts.append(page.plain_table_html([parameter, "series", "mean(TR@1, IR@1)", "std over seeds", "seeds"], rows, "grid"))
     return "".join(parts)

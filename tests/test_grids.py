@@ -28,6 +28,9 @@ def test_a_sweep_varying_one_param_besides_the_seed_is_a_grid():
     varied = [Trial(**{**t.__dict__, "params": {**t.params, "M": str(i % 2)}}) for i, t in enumerate(trials)]
     assert grid_parameter(Sweep("p", "s", two, []), varied) is None  # two params vary: not a one-parameter grid
     assert grid_parameter(Sweep("p", "s", SPACE, []), trials[:1]) is None  # one value: nothing to draw
+    with_eps = {**SPACE, "eps": {"distribution": "choice", "values": [2 / 255, 4 / 255]}}
+    per_eps = [Trial(**{**t.__dict__, "params": {**t.params, "eps": str((1 + i % 2) * 2 / 255)}}) for i, t in enumerate(trials)]
+    assert grid_parameter(Sweep("p", "s", with_eps, []), per_eps) == "N"  # the training eps splits figures, it is not the axis
 
 
 def test_grid_points_are_the_mean_and_std_over_seeds_of_mean_tr1_ir1():
@@ -65,6 +68,6 @@ def test_the_report_draws_a_grid_sweep_from_mlflow(tmp_path):
     log_sweep(uri, "grid", str(tmp_path / "artifacts"), FakeSweep("grid-1", RETRIEVAL_OPTIONS, space, "pgd/eps4/tr1", trials))
     report = build_report(MlflowClient(uri), "grid", uri, tmp_path / "r.html")
     html = report.html_path.read_text()
-    assert "grid-grid-1" in {path.stem for path in report.figure_paths} and "sweep grid-1: N" in html
+    assert "grid-grid-1-eps4-255" in {path.stem for path in report.figure_paths} and "sweep grid-1: N, training eps 4/255" in html
     # N = 2: pgd/eps4 TR@1 20 and 21 over the seeds, IR@1 30 (retrieval_metrics' default): mean (20.5 + 30) / 2
     assert "<td>25.2</td>" in html  # 25.25, printed to one decimal (round half to even)

@@ -42,6 +42,15 @@ class NeighbourMode(str, Enum):
     AUTHORS_PGD2 = "authors_pgd2"
 
 
+class AblatedTerm(str, Enum):
+    """A MAVA strategy removed for the paper's Table 4 (``w/X``: X removed); see trainables.steps.mava_weights."""
+
+    NONE = "none"  # full MAVA
+    CMS = "cms"  # no cross-modal supervision: a = 0, and L_CMS leaves the inner objective (Eq. 5 = L_VSSE)
+    VSSE = "vsse"  # no semantic-space expansion: N = 0, L_VSSE at the adversarial point alone (FARE's term), weight b kept
+    SCA = "sca"  # no semantic consistency alignment: c = 0
+
+
 # Neighbour modes that were renamed, with why: a YAML that still names one is refused with the new names.
 RETIRED_NEIGHBOUR_MODES = {
     "trajectory": "it took the last N plain-PGD iterates as N views, which is not what the authors' pgd_2 does: "
@@ -110,10 +119,11 @@ class TrainConfig(BaseModel):
     a: float = Field(0.002, ge=0)
     b: float = Field(0.4, ge=0)
     c: float = Field(0.6, ge=0)
-    N: int = Field(3, ge=1)  # neighbour samples
+    N: int = Field(3, ge=0)  # neighbour samples; 0 = the adversarial point alone (r = 0), the paper's Figure 3 N = 0
     M: int = Field(5, ge=1)  # captions per image
     beta: float = Field(1.5, gt=0)  # neighbour radius = beta * eps (authors pass 3/2)
     neighbours: NeighbourMode = NeighbourMode.UNIFORM
+    ablate: AblatedTerm = AblatedTerm.NONE  # Table 4's ablations of MAVA (``w/CMS``, ``w/VSSE``, ``w/SCA``)
     inner_neighbourhood: InnerNeighbourhood = InnerNeighbourhood.ZERO  # Eq. 5 at r = 0 (code) or over N neighbours (paper)
     # MAVA's inner PGD starts at a uniform point of the eps-ball; the authors' code has no random start (false;
     # neighbours: authors_pgd2 needs false).
@@ -213,6 +223,9 @@ class TrainConfig(BaseModel):
             if self.pgd_steps < self.N + 1:
                 raise ValueError(f"neighbours: authors_pgd2 averages the last N+1 = {self.N + 1} PGD iterates, but pgd_steps "
                                  f"is {self.pgd_steps}: set pgd_steps to {self.N + 1} or more, or lower N")
+        if self.ablate is not AblatedTerm.NONE and self.defense is not Defense.MAVA:
+            raise ValueError(f"ablate: {self.ablate.value} removes a term of MAVA's loss, but defense is {self.defense.value}: "
+                             "use defense: mava, or ablate: none")
         mlm_problem = embedded_mlm_problem(self.word_candidates, self.eval_data, self.eval_attacks)
         if mlm_problem:
             raise ValueError(mlm_problem)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from trainables.attacks.base import eval_mode
 from trainables.attacks.pgd import PGDSettings, pgd
 from trainables.attacks.pgd2 import pgd2_average
-from trainables.config import Defense, EmbeddingSpace, InnerNeighbourhood, NeighbourMode, Precision, TrainConfig
+from trainables.config import AblatedTerm, Defense, EmbeddingSpace, InnerNeighbourhood, NeighbourMode, Precision, TrainConfig
 from trainables.defenses.fare import fare_loss, fare_outer_loss
 from trainables.defenses.mava import mava_inner_loss, mava_outer_loss, sample_neighbours
 from trainables.defenses.tecoa import class_text_features, tecoa_loss, tecoa_outer_loss
@@ -124,25 +125,27 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
             original_features: (B, D) = F_org(v).
     """
     normalized = config.embedding_space is EmbeddingSpace.NORMALIZED
+    weights = mava_weights(config)
+    inner_captions = caption_features if weights.inner_cms else None  # None: Eq. 5 without L_CMS
 
     def inner(x: torch.Tensor) -> torch.Tensor:
         if config.inner_neighbourhood is InnerNeighbourhood.NEIGHBOURS:
             # Eq. 5 as written: the objective over N fresh neighbours of the iterate (N forwards per step).
-            views = sample_neighbours(x, config.N, config.beta * config.eps, generator)
-            features = attack_encode(views.flatten(0, 1)).view(x.shape[0], config.N, -1)
+            views = sample_neighbours(x, weights.N, config.beta * config.eps, generator)
+            features = attack_encode(views.flatten(0, 1)).view(x.shape[0], views.shape[1], -1)
         else:
             features = attack_encode(x)  # r = 0, as the authors' code: one forward per step
-        return mava_inner_loss(features, original_features, caption_features, config.cms_form, normalized, config.inner_text_distance)
+        return mava_inner_loss(features, original_features, inner_captions, config.cms_form, normalized, config.inner_text_distance)
 
     settings = dataclasses.replace(pgd_settings(config), random_start=config.mava_random_start)
     if config.neighbours is NeighbourMode.AUTHORS_PGD2:
         # The authors' pgd_2: one view per image, the pixel mean of the last N+1 iterates (TrainConfig refuses a random start).
-        neighbours = pgd2_average(inner, images, settings, average=config.N + 1).unsqueeze(1)
-    elif config.neighbours is NeighbourMode.LAST_ITERATES:
-        _, neighbours = pgd(inner, images, settings, generator, keep_iterates=config.N)
+        neighbours = pgd2_average(inner, images, settings, average=weights.N + 1).unsqueeze(1)
+    elif config.neighbours is NeighbourMode.LAST_ITERATES and weights.N > 0:
+        _, neighbours = pgd(inner, images, settings, generator, keep_iterates=weights.N)
     else:
         adversarial = pgd(inner, images, settings, generator)
-        neighbours = sample_neighbours(adversarial, config.N, config.beta * config.eps, generator)
+        neighbours = sample_neighbours(adversarial, weights.N, config.beta * config.eps, generator)
     batch, count = neighbours.shape[:2]
     # One batched forward over the N neighbours and the clean image (N+1 views per image).
     views = torch.cat([neighbours.flatten(0, 1), images])
@@ -150,7 +153,7 @@ def mava_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tenso
     neighbour_features = features[: batch * count].view(batch, count, -1)
     clean_features = features[batch * count:]
     return mava_outer_loss(neighbour_features, clean_features, original_features, caption_features,
-                           config.a, config.b, config.c, config.cms_form, normalized, config.sca_half)
+                           weights.a, weights.b, weights.c, config.cms_form, normalized, config.sca_half)
 
 
 def fare_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tensor, caption_features: torch.Tensor | None,
@@ -173,10 +176,39 @@ def tecoa_step(attack_encode: Encoder, train_encode: Encoder, images: torch.Tens
 STEPS = {Defense.MAVA: mava_step, Defense.FARE: fare_step, Defense.TECOA: tecoa_step}
 
 
+@dataclass(frozen=True)
+class MavaWeights:
+    """What one MAVA step uses: Eq. 6's weights, the neighbour count, and whether L_CMS is in the inner objective."""
+
+    a: float
+    b: float
+    c: float
+    N: int
+    inner_cms: bool
+
+
+def mava_weights(config: TrainConfig) -> MavaWeights:
+    """The config's a, b, c, N after its Table 4 ablation (``ablate``), the one place that reads it.
+
+    The paper's Table 4 says only "w/X means a variant with X being removed". Removing a
+    strategy removes all of it: ``cms`` drops L_CMS from both the inner attack (Eq. 5 becomes
+    L_VSSE) and the outer loss (a = 0); ``sca`` sets c = 0. VSSE is "the expansion of the base
+    adversarial fine-tuning loss" (the paper's Sec. 3): removing it keeps the base term, the
+    distance at the adversarial point itself, with its weight b, and drops the N neighbours
+    (N = 0). Dropping b instead would leave no adversarial term but a*L_CMS at a = 0.002, which
+    cannot be the Table 4 row whose robust recall is within a few points of full MAVA.
+    """
+    ablate = AblatedTerm(config.ablate)
+    return MavaWeights(a=0.0 if ablate is AblatedTerm.CMS else config.a, b=config.b,
+                       c=0.0 if ablate is AblatedTerm.SCA else config.c,
+                       N=0 if ablate is AblatedTerm.VSSE else config.N, inner_cms=ablate is not AblatedTerm.CMS)
+
+
 def term_weights(config: TrainConfig) -> dict[str, float]:
-    """Loss term -> its weight in the step's ``loss`` (Eq. 6's a, b, c for MAVA; FARE and TeCoA have one term)."""
+    """Loss term -> its weight in the step's ``loss`` (Eq. 6's a, b, c for MAVA, after any ablation; FARE and TeCoA have one term)."""
     if config.defense is Defense.MAVA:
-        return {"l_cms": config.a, "l_vsse": config.b, "l_sca": config.c}
+        weights = mava_weights(config)
+        return {"l_cms": weights.a, "l_vsse": weights.b, "l_sca": weights.c}
     return {"l_fare": 1.0} if config.defense is Defense.FARE else {"l_tecoa": 1.0}
 
 

@@ -141,8 +141,11 @@ def sample_neighbours(adversarial_images: torch.Tensor, count: int, radius: floa
     Args:
         adversarial_images: (B, C, H, W) in [0, 1].
     Returns:
-        (B, count, C, H, W), clamped to [0, 1] so every neighbour is a valid image.
+        (B, count, C, H, W), clamped to [0, 1] so every neighbour is a valid image; with
+        ``count = 0`` (no expansion: the paper's Figure 3 N = 0) the adversarial point alone, (B, 1, C, H, W).
     """
+    if count == 0:
+        return adversarial_images.unsqueeze(1)
     shape = (adversarial_images.shape[0], count, *adversarial_images.shape[1:])
     noise = torch.rand(shape, generator=generator, device=generator.device, dtype=adversarial_images.dtype)
     noise = noise.to(adversarial_images.device) * (2 * radius) - radius
