@@ -154,3 +154,23 @@ def test_the_neighbour_mode_is_a_trial_param():
     trial = SimpleNamespace(trial_id="t1", config={"train": options, "sweep": {"searched": []}})
     params = trial_params(trial)
     assert params["neighbours"] == "authors_pgd2" and params["mava_random_start"] is False
+
+
+def test_pgd2_agrees_with_the_benchmarks_reimplementation_of_the_authors_step():
+    # benchmarks/authors_mava.py re-implements pgd_2 for the speed comparison, from the script itself.
+    from benchmarks.authors_mava import authors_pgd
+    from trainables.attacks.pgd import PGDSettings
+    from trainables.attacks.pgd2 import pgd2_average
+
+    images, captions, original = batch()
+    encoder = tiny_encoder()
+    target = F.normalize(original, dim=-1)
+
+    def inner(unit_features):
+        return ((unit_features - target) ** 2).sum(-1).mean()
+
+    config = TrainConfig(neighbours="authors_pgd2", mava_random_start=False, N=3, pgd_steps=10, eps=EPS, pgd_step_size=STEP)
+    theirs = authors_pgd(SimpleNamespace(encode_image=encoder), images, inner, config)
+    ours = pgd2_average(lambda x: inner(F.normalize(encoder(x), dim=-1)), images,
+                        PGDSettings(eps=EPS, steps=10, step_size=STEP, random_start=False), average=4)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
