@@ -24,7 +24,7 @@ from trainables.names import CHECKPOINT_ARTIFACT_DIR, CLEAN, RANKS_FILE
 
 SEED_PARAM = "seed"  # TrainConfig.seed, the param that tells a configuration's trials apart
 # clean/tr1, pgd/eps4/ir1, ...: a recall cell whose interval the ranks give (K from the key).
-RECALL_CELL = re.compile(rf"^(?:(?P<clean>{CLEAN})|(?P<attack>[a-z0-9-]+)/eps(?P<eps>[0-9.]+))/(?P<direction>tr|ir)(?P<k>[0-9]+)$")
+RECALL_CELL = re.compile(rf"^(?:(?P<unattacked>{CLEAN})|(?P<attack>[a-z0-9-]+)/eps(?P<eps>[0-9.]+))/(?P<direction>tr|ir)(?P<k>[0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def cell_spreads(client: MlflowClient, runs: list[Run], columns: list[str]) -> d
         interval = None
         match = RECALL_CELL.match(column)
         if match and len(values) == len(runs) and all(r is not None for r in ranks):
-            attack, eps_255 = (CLEAN, None) if match["clean"] else (match["attack"], float(match["eps"]))
+            attack, eps_255 = (CLEAN, None) if match["unattacked"] else (match["attack"], float(match["eps"]))
             per_seed = [_ranks_of_cell(r, attack, eps_255) for r in ranks]
             if all(p is not None for p in per_seed):
                 interval = bootstrap_recall_interval(per_seed, TR if match["direction"] == "tr" else IR, int(match["k"]))

@@ -40,7 +40,7 @@ from trainables.models import load_model
 from trainables.models.robust_checkpoint import load_robust_vision
 from trainables.models.tiny_clip import build_tiny_clip
 from trainables.models.weights import read_state_dict
-from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
+from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH, RANKS_FILE
 from trainables.ray_worker import REPLAYED_KEY, RESUMED_FROM_KEY
 
 WAIT_SECONDS = 600  # generous: the machine is shared; every wait ends as soon as its event happens
@@ -270,7 +270,8 @@ def test_an_interrupted_then_killed_sweep_resumes_without_losing_or_repeating_a_
     for run in runs:
         assert run.info.status == "FINISHED"
         assert epoch_steps(client, run.info.run_id) == [1, 2]
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/card.json", f"checkpoint/{VISION_FILE}"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+            "checkpoint/card.json", f"checkpoint/{RANKS_FILE}", f"checkpoint/{VISION_FILE}"]
     results = tune_results(tmp_path / "ray")
     for trial, done in finished.items():
         assert client.get_run(done.info.run_id).info.end_time == done.info.end_time  # not run (or recorded) again
@@ -339,7 +340,7 @@ def test_secrets_in_the_environment_never_reach_params_tags_or_artifacts(nan_swe
     for version in client.search_model_versions("name = 'nan-trial-robust-vision'"):
         texts += [version.source, json.dumps(version.tags), version.description or ""]
     # The finished trial's checkpoint (the NaN trial has none) and the parent run's report: none may hold a secret.
-    assert sorted(p.name for p in artifacts) == ["card.json", "report.html", VISION_FILE]
+    assert sorted(p.name for p in artifacts) == ["card.json", RANKS_FILE, "report.html", VISION_FILE]
     everything = "\n".join(texts + [p.read_bytes().decode("latin-1") for p in artifacts])
     for secret in secret_values:
         assert secret not in everything

@@ -300,7 +300,8 @@ def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_noth
             assert run.info.status == "FINISHED"
             for metric in (EPOCH, "train/loss"):
                 assert epoch_steps(client, run.info.run_id, metric) == list(range(1, epochs + 1)), (run.info.run_id, metric)
-            assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/card.json", "checkpoint/vision.safetensors"]
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+                "checkpoint/card.json", "checkpoint/eval_ranks.parquet", "checkpoint/vision.safetensors"]
         parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
         assert [p.info.status for p in parents] == ["FINISHED"]
         assert client.get_model_version_by_alias("outage-robust-vision", "best").run_id in {first.info.run_id, second.info.run_id}
