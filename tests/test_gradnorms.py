@@ -120,3 +120,19 @@ def test_the_report_draws_the_logged_norms_per_epoch_on_a_log_axis(tmp_path):
     # Every logged norm, by epoch; L_SCA's zero (epoch 1: F = F_org) cannot sit on a log axis and is left out.
     assert lines == {train_metric("gradnorm_cms"): [(1, 0.01), (2, 0.02)], train_metric("gradnorm_vsse"): [(1, 3.0), (2, 2.0)],
                      train_metric("gradnorm_sca"): [(2, 1.5)]}
+
+
+def test_every_paper_preset_says_which_embedding_space_it_uses():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    presets = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("paper-*.yaml"))
+    assert presets
+    for path in presets:
+        text = path.read_text()
+        stated = re.search(r"^\s*# embedding_space: (\w+)", text, re.M)
+        assert stated, f"{path.name} does not say which embedding space it uses"
+        used = yaml.safe_load(text)["experiment"].get("embedding_space", TrainConfig.model_fields["embedding_space"].default.value)
+        assert stated.group(1) == used, path.name

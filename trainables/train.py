@@ -4,7 +4,9 @@
 and, unchanged, on every Ray Train worker (``trainables.ray_worker``), where
 ``torch.distributed`` is initialised and the vision encoder is wrapped in DDP.
 Per epoch, in order: train (attack -> forward -> loss -> step), evaluate, checkpoint,
-report. The text side and ``F_org`` are frozen, so their features are computed once
+report. On each epoch's first batch the loop also measures the gradient norm each
+weighted loss term alone gives the vision encoder (``train/gradnorm_*``,
+``trainables.steps.term_gradient_norms``), so a run shows which term drives its update. The text side and ``F_org`` are frozen, so their features are computed once
 per dataset before the first epoch.
 
 A captioner (``model.has_text_encoder`` False, e.g. ``hf-blip-cap``) has no caption
