@@ -76,7 +76,8 @@ def ray_session():
     """One local Ray instance shared by the tests (starting Ray costs seconds); started on first use.
 
     No shutdown here: the job-submit test disconnects it before it starts (and `ray stop
-    --force`s) a separate head node, and `run_sweep` starts Ray again if a later test needs
+    --force`s) a separate head node, tests/test_multinode.py before it starts a
+    ``ray.cluster_utils.Cluster``, and `run_sweep` starts Ray again if a later test needs
     it. Ray shuts itself down when the test process exits.
     """
     import ray

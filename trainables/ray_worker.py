@@ -17,7 +17,9 @@ A resumed worker first reports its checkpoint's epoch again (``REPLAYED_KEY`` = 
 if the driver died after Ray persisted that checkpoint but before the epoch reached
 MLflow, the epoch is recorded now instead of leaving a gap; the tracker ignores an
 epoch it already holds. Every result also says which epoch the worker started from
-(``RESUMED_FROM_KEY``, 0 for a fresh start).
+(``RESUMED_FROM_KEY``, 0 for a fresh start) and the Ray node each rank runs on
+(``WORKER_NODES_KEY``, node ids by rank, gathered once per worker-group start), so a
+trial's placement and any restart on other nodes are visible in Tune's results.
 A NaN/inf loss is deterministic, so instead of failing (and being retried by
 Ray's failure handling) the worker reports it under ``NONFINITE_KEY`` and stops;
 the trial function turns that into a failed trial with the reason (which the
@@ -36,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.fs
+import ray
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
@@ -47,6 +50,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY, CHECKPOINT_
 # Bookkeeping keys (no '/', so the MLflow tracker never logs them as metrics).
 RESUMED_FROM_KEY = "resumed_from_epoch"
 REPLAYED_KEY = "replayed"
+WORKER_NODES_KEY = "worker_nodes"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -70,13 +74,14 @@ def train_loop_per_worker(config: dict) -> None:
     objectives = config["objectives"]
     scratch = Path(tempfile.mkdtemp(prefix="mava-ckpt-"))
     resumed_from = 0
+    nodes = ",".join(_worker_nodes())
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, replayed_from: str | None = None) -> None:
         # Objectives are reported under their own keys, NaN until the last epoch: a trial that a
         # scheduler stops early then reaches Optuna as failed, never as complete with partial values.
         last = metrics[EPOCH] == train_config.epochs
         metrics = {**metrics, **{final_metric(m): (metrics.get(m, math.nan) if last else math.nan) for m in objectives},
-                   RESUMED_FROM_KEY: resumed_from, REPLAYED_KEY: int(replayed_from is not None)}
+                   RESUMED_FROM_KEY: resumed_from, REPLAYED_KEY: int(replayed_from is not None), WORKER_NODES_KEY: nodes}
         if replayed_from is not None:  # where the replayed epoch's weights are, as TuneReportCallback says for new ones
             metrics[CHECKPOINT_PATH_KEY] = replayed_from
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -108,6 +113,18 @@ def train_loop_per_worker(config: dict) -> None:
         report_nonfinite(str(error))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank of the worker group calls it once)."""
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return [mine]
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return [str(node) for node in nodes]
 
 
 class TrialFailed(RuntimeError):
