@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from dashboards.importance import Importances
 from dashboards.records import CLEAN_TR1, Trial
@@ -120,6 +120,11 @@ def curves_figure(trial: Trial, losses: Sequence[str], evals: Sequence[str]) -> 
         elif index != 1 and all(v > 0 for k in drawn for _, v in history[k]):
             axes.set_yscale("log")  # the MAVA terms differ by orders of magnitude; one linear axis flattens the small ones
         axes.set(xlabel=EPOCH, title=title or evaluation)
+        epochs = sorted({step for key in drawn for step, _ in history[key]})
+        if 0 < len(epochs) <= 12:  # epochs are whole numbers: tick the recorded ones, never 1.5 (nor 1.9 .. 2.1 for one point)
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if drawn:
             axes.legend(fontsize=7, loc="best")

@@ -71,3 +71,15 @@ def test_the_report_draws_a_grid_sweep_from_mlflow(tmp_path):
     assert "grid-grid-1-eps4-255" in {path.stem for path in report.figure_paths} and "sweep grid-1: N, training eps 4/255" in html
     # N = 2: pgd/eps4 TR@1 20 and 21 over the seeds, IR@1 30 (retrieval_metrics' default): mean (20.5 + 30) / 2
     assert "<td>25.2</td>" in html  # 25.25, printed to one decimal (round half to even)
+
+
+def test_learning_curves_have_whole_epoch_ticks():
+    from dashboards.figures import curves_figure
+
+    trial = Trial(run_id="r", run_name="", sweep_id="s", trial_id="t", status="FINISHED", model="m", defense="mava", eps="2/255",
+                  params={}, metrics={}, checkpoint=None, history={"train/loss": [(1, 1.0), (2, 0.5)], "clean/tr1": [(2, 40.0)]})
+    figure = curves_figure(trial, ["train/loss"], ["clean/tr1"])
+    figure.canvas.draw()
+    for axes in figure.axes:
+        ticks = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
+        assert ticks and all(float(tick).is_integer() for tick in ticks)  # matplotlib's default would put 1.5 between 1 and 2
