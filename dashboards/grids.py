@@ -100,7 +100,7 @@ def grid_figure(points: Sequence[GridPoint], parameter: str, title: str) -> Figu
             axes.legend(fontsize=7, loc="best")
     seeds = sorted({p.seeds for p in points})
     robust_axes.set_title(f"under attack (mean ± std over {'/'.join(map(str, seeds))} seed(s))", fontsize=9)
-    clean_axes.set_title("clean", fontsize=9)
+    clean_axes.set_title(CLEAN_PREFIX, fontsize=9)
     figure.suptitle(title, fontsize=10)
     return figure
 

@@ -129,7 +129,7 @@ def build_report(client: MlflowClient, experiment: str, tracking_uri: str, out: 
     if grids:
         sections.append(("grids", "Parameter grids", grids))
     sections.append(("trials", "Trials", trials_section(records, robust)))
-    sections.append(("examples", "Adversarial examples", examples_section(client, records, robust, embed)))
+    sections.append(("adversarial-examples", "Adversarial examples", examples_section(client, records, robust, embed)))
     curves = []
     for trial in records.trials:
         losses, evals = curve_metrics(set(trial.history))

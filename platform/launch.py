@@ -86,8 +86,8 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher(spec, study_name=sweep_id), scheduler=scheduler(spec),
                                     num_samples=num_samples(spec), max_concurrent_trials=spec.resources.max_concurrent_trials,
-                                    # The next trial runs in the finished one's process (every trial asks for the same
-                                    # resources), which has imported Ray Train and torch already: seconds per trial.
-                                    reuse_actors=True),
+                                    # Not reuse_actors: with it, the interrupted-then-killed resume test recorded one
+                                    # trial twice (4 runs for 3 trials), and resume safety outranks seconds per trial.
+                                    reuse_actors=False),
         run_config=tune.RunConfig(name=sweep_id, storage_path=locations.storage_path, callbacks=[tracker], verbose=1),
     )

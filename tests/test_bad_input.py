@@ -243,7 +243,7 @@ CASES = [
     ("unknown-section", "sweep", lambda w: _sweep(w, *_set("trackingg.uri=x")), r"key 'trackingg': unknown key: remove it, or use one of experiment, resources, search, space, tracking, storage"),
     ("unknown-key", "sweep", lambda w: _sweep(w, *_set("experiment.learning_rate=0.1")), r"experiment.learning_rate': unknown key: remove it, or use one of model, defense, .*, name\n"),
     ("wrong-type", "sweep", lambda w: _sweep(w, *_set("experiment.epochs=ten")), r"experiment.epochs'.*valid integer.*'ten'"),
-    ("negative-N", "sweep", lambda w: _sweep(w, *_set("space.N=-1")), r"space: key 'N' value -1: .*greater than or equal to 1"),
+    ("negative-N", "sweep", lambda w: _sweep(w, *_set("space.N=-1")), r"space: key 'N' value -1: .*greater than or equal to 0"),
     ("zero-M", "sweep", lambda w: _sweep(w, *_set("experiment.M=0")), r"key 'experiment.M'.*greater than or equal to 1"),
     ("inverted-range", "sweep", lambda w: _sweep(w, *_set("space.a={distribution: loguniform, low: 0.1, high: 0.01}")),
      r"key 'a': low \(0.1\) must be below high \(0.01\)"),

@@ -63,7 +63,7 @@ def test_a_trial_writes_its_examples_beside_the_last_checkpoint(random_tiny_clip
     assert not (checkpoints[0] / EXAMPLES_DIR).exists()  # only after the last epoch
     folder = checkpoints[-1] / EXAMPLES_DIR
     context, examples = read_examples(folder)
-    assert context["defense"] == "fare" and context["model"] == config.model
+    assert context["defense"] == "fare" and context["model"] == "tiny-clip"  # the kind: a spec's paths never reach the page
     # 2 images x (clean + pgd at the largest eval eps) x 2 encoders
     assert len(examples) == 8 and {x.eps for x in examples} == {None, "4/255"} and {x.encoder for x in examples} == {"undefended", "fine-tuned"}
     page = (folder / PAGE_FILE).read_text()
@@ -75,7 +75,7 @@ def test_a_trial_writes_its_examples_beside_the_last_checkpoint(random_tiny_clip
     undefended = Image.open(folder / by_key[("undefended", "pgd", "4/255", 0)].png)
     fine_tuned = Image.open(folder / by_key[("fine-tuned", "pgd", "4/255", 0)].png)
     assert undefended.tobytes() != fine_tuned.tobytes()
-    assert json.loads((folder / INDEX_FILE).read_text())["examples"][0]["encoder"] == "undefended"
+    assert json.loads((folder / INDEX_FILE).read_text())["rows"][0]["encoder"] == "undefended"
 
 
 def test_no_examples_when_switched_off(random_tiny_clip_weights, tmp_path):

@@ -106,7 +106,9 @@ def test_a_job_submitted_to_the_cluster_runs_two_worker_trials_across_two_nodes(
     sweep_file.write_text(yaml.safe_dump(data))
     address = f"http://{cluster.webui_url}" if "://" not in cluster.webui_url else cluster.webui_url
     job_id = f"mava-multinode-{secrets.token_hex(4)}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The cluster's processes inherited this process's RAY_AUTH_MODE (an earlier local ray.init in the session turns
+    # token authentication on and writes ~/.ray/auth_token); the CLI inherits the same mode and finds the same token.
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # No --working-dir here (docs/cluster.md uses one): this cluster's nodes share one machine's Ray session folder,
     # and a node that unpacks the job's working-dir package replaces the folder the driver runs in (the driver then

@@ -40,7 +40,7 @@ from trainables.models import load_model
 from trainables.models.robust_checkpoint import load_robust_vision
 from trainables.models.tiny_clip import build_tiny_clip
 from trainables.models.weights import read_state_dict
-from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH, RANKS_FILE
+from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH, EXAMPLES_ARTIFACT_DIR, RANKS_FILE
 from trainables.ray_worker import REPLAYED_KEY, RESUMED_FROM_KEY
 
 WAIT_SECONDS = 600  # generous: the machine is shared; every wait ends as soon as its event happens
@@ -336,7 +336,9 @@ def test_secrets_in_the_environment_never_reach_params_tags_or_artifacts(nan_swe
     for run in runs:
         texts += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()] + list(run.data.metrics)
         local = Path(client.download_artifacts(run.info.run_id, "", str(nan_sweep["tmp"] / "artifacts" / run.info.run_id)))
-        artifacts += [p for p in local.rglob("*") if p.is_file()]
+        artifacts += [p for p in local.rglob("*") if p.is_file() and p.parent.name != EXAMPLES_ARTIFACT_DIR]
+        # The example pictures are pixels; their index and page are text and must not hold a secret either.
+        texts += [p.read_text() for p in local.rglob(f"{EXAMPLES_ARTIFACT_DIR}/*") if p.suffix in (".json", ".html")]
     for version in client.search_model_versions("name = 'nan-trial-robust-vision'"):
         texts += [version.source, json.dumps(version.tags), version.description or ""]
     # The finished trial's checkpoint (the NaN trial has none) and the parent run's report: none may hold a secret.

@@ -63,7 +63,7 @@ MISTAKES = [
     ("search.seeds", [0, 1.5], r"search.seeds.1'.*valid integer"),
     ("search.seeds", [0, "1"], r"search.seeds.1'.*valid integer"),
     ("search.seeds", 3, r"search.seeds'.*valid list"),
-    ("space.N", {"distribution": "int", "low": -1, "high": 3}, r"space: key 'N' value -1: .*greater than or equal to 1"),
+    ("space.N", {"distribution": "int", "low": -1, "high": 3}, r"space: key 'N' value -1: .*greater than or equal to 0"),
     ("space.M", {"distribution": "uniform", "low": 1, "high": 5}, r"key 'M' takes integers"),
     ("space.beta_gamma", {"distribution": "uniform", "low": 0, "high": 1}, r"key 'beta_gamma' is not a searchable training option; searchable: .*a, b, c"),
     ("space.defense", {"distribution": "choice", "values": ["mava", "dp"]}, r"space: key 'defense' value 'dp'"),
@@ -146,6 +146,8 @@ def test_the_embedded_default_resolves_to_the_same_training_config_as_before():
         "inner_neighbourhood": "zero", "mava_random_start": True, "k_test": 128, "word_candidates": "tiny-mlm",
         # FARE's inner PGD only (this sweep is MAVA): RobustVLM's sign momentum, the FARE code's.
         "fare_sign_momentum": True,
+        # Table 4's ablation (none: full MAVA) and the example pictures drawn after the last epoch (they change no metric).
+        "ablate": "none", "examples": 3,
     }
     # What Tune hands every trial (fixed options under "train") is that config before the searched keys are applied.
     assert spec.fixed_options() == spec.train_config().model_dump(mode="json")
@@ -167,7 +169,7 @@ FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if fiel
 
 
 def test_the_integer_fields_come_from_the_annotations():
-    assert {"seed", "eval_every", "N", "M", "epochs", "pgd_steps", "batch_size", "k_test"} == set(INT_FIELDS)
+    assert {"seed", "eval_every", "N", "M", "epochs", "pgd_steps", "batch_size", "k_test", "examples"} == set(INT_FIELDS)
     assert {"lr", "eps", "a", "b", "c", "beta", "momentum"} <= set(FLOAT_FIELDS)
 
 
@@ -240,8 +242,8 @@ def test_epochs_may_be_searched_and_asha_runs_to_the_longest():
 
 def test_initial_points_are_checked_like_trials():
     data = with_change("space.N", {"distribution": "int", "low": 1, "high": 3})
-    data["search"]["initial_points"] = [{"N": 0}]
-    with pytest.raises(UserError, match=r"search.initial_points\[0\]: Input should be greater than or equal to 1"):
+    data["search"]["initial_points"] = [{"N": -1}]
+    with pytest.raises(UserError, match=r"search.initial_points\[0\]: Input should be greater than or equal to 0"):
         parse_sweep_spec(data, "sweep.yaml")
 
 

@@ -73,7 +73,7 @@ def test_fewer_captions_than_m_is_refused(random_tiny_clip_weights, tmp_path):
     ({"defense": "madry"}, "key 'defense'.*'mava', 'fare' or 'tecoa'"),
     ({"eps": "8/0"}, "key 'eps'.*not a number"),
     ({"eps": 2.0}, "outside \\(0, 1\\]"),
-    ({"N": 0}, "key 'N'.*greater than or equal to 1"),
+    ({"N": -1}, "key 'N'.*greater than or equal to 0"),
     ({"learning_rate": 0.1}, "key 'learning_rate': unknown key"),
     ({"a": 0, "b": 0, "c": 0}, "a, b and c are all 0"),
 ])

@@ -137,13 +137,19 @@ def write_examples(directory: Path, examples: list[Example], pictures: dict[str,
     for name, pixels in pictures.items():
         _png(pixels, directory / name)
     index = directory / INDEX_FILE
-    index.write_text(json.dumps({"context": context, "examples": [asdict(example) for example in examples]}, indent=1))
+    index.write_text(json.dumps({"context": context, "rows": [asdict(example) for example in examples]}, indent=1))
     return index
 
 
 def read_examples(directory: Path) -> tuple[dict, list[Example]]:
     data = json.loads((directory / INDEX_FILE).read_text())
-    return data["context"], [Example(**{**row, "top": [tuple(pair) for pair in row["top"]]}) for row in data["examples"]]
+    return data["context"], [Example(**{**row, "top": [tuple(pair) for pair in row["top"]]}) for row in data["rows"]]
+
+
+def _without_paths(spec: str) -> str:
+    """``open_clip:ViT-B-16@/abs/w.pt`` -> ``open_clip:ViT-B-16``; ``albef:/abs/dir@/abs/f.pth`` -> ``albef``."""
+    kind, _, name = spec.partition("@")[0].partition(":")
+    return f"{kind}:{name}" if name and "/" not in name else kind
 
 
 def write_trial_examples(model, dataset, config, directory: Path) -> Path:
@@ -167,7 +173,8 @@ def write_trial_examples(model, dataset, config, directory: Path) -> Path:
                                         config.examples, config.seed, candidates)
         examples += found
         pictures |= drawn
-    context = {"model": config.model, "defense": config.defense.value, "training eps": eps_fraction(config.eps),
+    # The model's kind only: a spec's paths may hold what the platform redacts from params (a token in a folder name).
+    context = {"model": _without_paths(config.model), "defense": config.defense.value, "training eps": eps_fraction(config.eps),
                "word source of text attacks": config.word_candidates, "seed": config.seed}
     write_examples(directory, examples, pictures, context)
     (directory / PAGE_FILE).write_text(examples_page(context, examples))
