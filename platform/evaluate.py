@@ -19,6 +19,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,9 +32,10 @@ from trainables.device import resolve_device
 from trainables.errors import UserError
 from trainables.evaluation.robustness import (EvalSettings, RetrievalRow, attach_row_warnings, evaluate_retrieval_rows,
                                               honesty_checks)
-from trainables.models import ModelSpec, load_model, parse_model_spec
+from trainables.models import ModelSpec, load_model, model_kind, parse_model_spec
 from trainables.models.weights import load_strict, read_state_dict
 from trainables.names import CLEAN, RECALL_KEYS, VISION_FILE
+from trainables.tasks import Task
 
 COLUMNS = {"tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10"}
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m platform.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model spec of the evaluated model, e.g. tiny-clip or open_clip:ViT-B-16@/abs/w.pt")
+    parser.add_argument("--task", choices=[task.value for task in Task], help="what to evaluate the model on (default: its "
+                        "kind's main task; an ALBEF/TCL checkpoint with the head also does entailment or grounding)")
     parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
     parser.add_argument("--data", required=True, help="data spec, e.g. synthetic:test,n=100 or karpathy:/data/dataset_flickr30k.json,images=/data/flickr30k,split=test")
     parser.add_argument("--attacks", type=attack_names, default=("pgd",), help=f"comma-separated, from: {', '.join(ATTACKS)} (default: pgd)")
@@ -107,8 +111,34 @@ def format_table(rows: list[RetrievalRow]) -> str:
     return "\n".join([render(header), rule] + [render(line) for line in body])
 
 
+def chosen_task(args: argparse.Namespace) -> Task:
+    """``--task``, checked against what the model's kind does; default its main task. Loads nothing."""
+    kind = model_kind(args.model)
+    if args.task is None:
+        return kind.task
+    task = Task(args.task)
+    if task not in kind.tasks:
+        raise UserError(f"--task {task.value}: model {args.model!r} does {', '.join(t.value for t in kind.tasks)}; "
+                        "choose one of those or another model")
+    return task
+
+
+# Tasks other than retrieval: their own evaluation, same arguments (each module's ``run(args)``).
+TASK_RUNNERS: dict[Task, Callable[[argparse.Namespace], int]] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    task = chosen_task(args)
+    if task is Task.CAPTIONING:
+        raise UserError(f"{args.model!r} is a captioner: evaluate it with python -m platform.evaluate_captions")
+    if task is not Task.RETRIEVAL:
+        return TASK_RUNNERS[task](args)
+    return evaluate_retrieval(args)
+
+
+def evaluate_retrieval(args: argparse.Namespace) -> int:
+    """Retrieval recall, clean and under each attack × eps: the table, the warnings and the JSON rows."""
     # Check every input before loading anything: a typo costs no model load.
     device = resolve_device(args.device)
     if args.surrogate_checkpoint and not args.surrogate:

@@ -171,8 +171,8 @@ def check_devices(spec: SweepSpec) -> None:
 
 def check_objectives(spec: SweepSpec) -> None:
     """Every objective is a metric this sweep's evaluation reports."""
-    # The model kind's task says which metrics its per-epoch evaluation records (trainables.tasks).
-    task = task_info(model_kind(spec.experiment.model).task)
+    # The run's task says which metrics its per-epoch evaluation records (trainables.tasks).
+    task = task_info(spec.experiment.run_task)
     valid = task.objectives(tuple(spec.experiment.eval_attacks), tuple(spec.experiment.eval_eps))
     produced_by = task.produces
     for index, objective in enumerate(spec.search.objectives):

@@ -35,7 +35,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFAC
                               eps_fraction)
 from trainables.errors import UserError
 from trainables.ray_worker import training_options
-from trainables.tasks import task_info
+from trainables.tasks import Task, task_info
 
 __all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
            "MlflowTrialTracker", "find_run", "get_or_create_experiment", "get_or_create_parent_run", "register_best"]
@@ -131,7 +131,7 @@ def write_card(directory: Path, trial_params: dict[str, Any], metrics: dict[str,
         "metrics": metrics,
         "weights_file": VISION_FILE,
         "sha256": sha256_of(vision_path),
-        "threat_model": task_info(model_kind(trial_params["model"]).task).threat_model,
+        "threat_model": task_info(run_task(trial_params)).threat_model,
     })
     path = directory / CARD_FILE
     path.write_text(json.dumps(card, indent=2, default=str))
@@ -162,10 +162,15 @@ def trial_params(trial) -> dict[str, Any]:
     return {**params, BASE_WEIGHTS_SHA256: sha256} if sha256 else params
 
 
+def run_task(params: dict[str, Any]) -> Task:
+    """The task of a trial from its recorded params: ``task``, or (None or absent: the default) its model kind's main task."""
+    return Task(params["task"]) if params.get("task") else model_kind(params["model"]).task
+
+
 def trial_tags(params: dict[str, Any]) -> dict[str, str]:
     """The tags that group a trial: model spec, the model kind's family and task, defense, eps, base weights."""
     kind = model_kind(params["model"])
-    tags = {MODEL_TAG: params["model"], MODEL_FAMILY_TAG: kind.family, TASK_TAG: kind.task.value,
+    tags = {MODEL_TAG: params["model"], MODEL_FAMILY_TAG: kind.family, TASK_TAG: run_task(params).value,
             DEFENSE_TAG: params["defense"], EPS_TAG: eps_fraction(float(params["eps"]))}
     if params.get(BASE_WEIGHTS_SHA256):
         tags[BASE_WEIGHTS_SHA256] = params[BASE_WEIGHTS_SHA256]

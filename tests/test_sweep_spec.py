@@ -135,7 +135,7 @@ def test_the_embedded_default_resolves_to_the_same_training_config_as_before():
     spec = load_sweep_spec(REPO_ROOT / "search_spaces" / "abc.yaml")
     resolved = spec.train_config(spec.search.initial_points[0]).model_dump(mode="json")
     assert resolved == {
-        "model": "tiny-clip", "defense": "mava", "train_data": "synthetic:train,n=256", "eval_data": "synthetic:test,n=100",
+        "model": "tiny-clip", "task": None, "defense": "mava", "train_data": "synthetic:train,n=256", "eval_data": "synthetic:test,n=100",
         "epochs": 2, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4, "optimizer": "adamw", "momentum": 0.9,
         "eps": 4 / 255, "pgd_steps": 10, "pgd_step_size": 1 / 255, "a": 0.002, "b": 0.4, "c": 0.6, "N": 3, "M": 5, "beta": 1.5,
         "neighbours": "uniform", "embedding_space": "raw", "cms_form": "one_minus_cos", "sca_half": True,

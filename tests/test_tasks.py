@@ -81,6 +81,20 @@ def test_the_training_loop_evaluates_with_its_models_task(random_tiny_clip, synt
     assert model is random_tiny_clip and settings.attacks == ("pgd",) and settings.eps == (4 / 255,) and settings.seed == 3
 
 
+def test_a_run_may_choose_only_a_task_its_model_kind_does(capsys):
+    """``task`` (config) and ``--task`` (platform.evaluate) default to the kind's main task and refuse any other it lacks."""
+    from platform.evaluate import main as evaluate_main
+    from platform.tracking import run_task
+
+    assert TrainConfig().run_task is Task.RETRIEVAL and TrainConfig(task="retrieval").run_task is Task.RETRIEVAL
+    with pytest.raises(ValueError, match="task 'captioning' is not one that model 'tiny-clip' does: its kind does retrieval"):
+        TrainConfig(task="captioning")
+    assert run_task({"model": "tiny-clip", "task": None}) is Task.RETRIEVAL
+    assert run_task({"model": "hf-blip-cap:/d"}) is Task.CAPTIONING
+    with pytest.raises(UserError, match="--task captioning: model 'tiny-clip' does retrieval"):
+        evaluate_main(["--model", "tiny-clip", "--task", "captioning", "--data", "synthetic:test,n=4"])
+
+
 def test_a_comparison_group_takes_its_task_from_the_tag():
     from platform.compare import group_task, rank_metric
 

@@ -18,7 +18,8 @@ from trainables.attacks import ATTACKS
 from trainables.attacks.word_candidates import check_word_candidates, embedded_mlm_problem
 from trainables.defenses.mava import CmsForm
 from trainables.errors import UserError
-from trainables.models import is_captioner_spec
+from trainables.models import is_captioner_spec, model_kind
+from trainables.tasks import Task
 
 
 class Defense(str, Enum):
@@ -102,6 +103,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
     model: str = "tiny-clip"  # model spec, see trainables.models
+    # What the run is fine-tuned and evaluated for; None = the model kind's main task (its first in MODEL_KINDS).
+    # A fusion model (ALBEF, TCL) does several: retrieval, and entailment or grounding where its checkpoint has the head.
+    task: Task | None = None
     defense: Defense = Defense.MAVA
     train_data: str = "synthetic:train,n=512"  # data spec, see trainables.data
     eval_data: str = "synthetic:test,n=100"
@@ -212,8 +216,18 @@ class TrainConfig(BaseModel):
     def _step(cls, value: object) -> float:
         return parse_eps(value)
 
+    @property
+    def run_task(self) -> Task:
+        """The task this run trains and evaluates for: ``task``, or the model kind's main task."""
+        return self.task if self.task is not None else model_kind(self.model).task
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if self.task is not None and self.task not in model_kind(self.model).tasks:
+            kind = model_kind(self.model)
+            raise ValueError(f"task {self.task.value!r} is not one that model {self.model!r} does: its kind does "
+                             f"{', '.join(t.value for t in kind.tasks)}; set task to one of those (or leave it out for "
+                             f"{kind.task.value})")
         if self.defense is Defense.MAVA and self.a == self.b == self.c == 0:
             raise ValueError("a, b and c are all 0: the MAVA loss would be zero; set at least one > 0")
         if self.defense is Defense.MAVA and self.neighbours is NeighbourMode.AUTHORS_PGD2:

@@ -108,7 +108,7 @@ def frozen_features(model: VLPModel, dataset: Dataset, captions_per_image: int, 
 
 def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progress: bool = False,
                    ranks_file: Path | None = None) -> dict[str, float]:
-    """The evaluation after an epoch: the evaluator of the model's task (``trainables.tasks``).
+    """The evaluation after an epoch: the evaluator of the run's task (``config.run_task``, ``trainables.tasks``).
 
     Retrieval: recall (``clean/tr1``, ``pgd/eps4/ir1``, ...) clean and under ``eval_attacks``. Captioning:
     clean caption metrics (``clean/bleu4``, ``clean/cider``, ...; x100, BLIP's decoding); its robust numbers
@@ -118,7 +118,7 @@ def evaluate_model(model: VLPModel, dataset: Dataset, config: TrainConfig, progr
     """
     settings = EpochEval(attacks=config.eval_attacks, eps=config.eval_eps, batch_size=max(config.batch_size, 64), seed=config.seed,
                          k_test=config.k_test, word_candidates=config.word_candidates, ranks_file=ranks_file)
-    return task_info(model.tasks[0]).evaluate(model, dataset, settings, progress)
+    return task_info(config.run_task).evaluate(model, dataset, settings, progress)
 
 
 def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
@@ -247,7 +247,7 @@ def _nonfinite_reason(terms: dict[str, torch.Tensor], config: TrainConfig, epoch
 
 def _draws_examples(config: TrainConfig, model: VLPModel) -> bool:
     """Adversarial-example pictures need a retrieval model (captions to retrieve) and an attack to show."""
-    return config.examples > 0 and bool(config.eval_attacks) and model.tasks[0] is Task.RETRIEVAL
+    return config.examples > 0 and bool(config.eval_attacks) and config.run_task is Task.RETRIEVAL
 
 
 def _evaluates(config: TrainConfig, epoch: int) -> bool:
