@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -123,8 +123,9 @@ def chosen_task(args: argparse.Namespace) -> Task:
     return task
 
 
-# Tasks other than retrieval: their own evaluation, same arguments (each module's ``run(args)``).
-TASK_RUNNERS: dict[Task, Callable[[argparse.Namespace], int]] = {}
+# Tasks other than retrieval: the module of their own evaluation, same arguments (its ``run(args) -> int``);
+# imported when chosen, since those modules use this one's helpers.
+TASK_RUNNERS: dict[Task, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if task is Task.CAPTIONING:
         raise UserError(f"{args.model!r} is a captioner: evaluate it with python -m platform.evaluate_captions")
     if task is not Task.RETRIEVAL:
-        return TASK_RUNNERS[task](args)
+        return importlib.import_module(TASK_RUNNERS[task]).run(args)
     return evaluate_retrieval(args)
 
 
