@@ -88,11 +88,25 @@ def _embed_texts(model, captions: list[str], batch_size: int = 64) -> torch.Tens
                                       for i in range(0, len(captions), batch_size)]), dim=-1)
 
 
+def _gallery_items(dataset, count: int) -> list:
+    return [dataset[i] for i in range(min(len(dataset), max(count, GALLERY_IMAGES)))]
+
+
+def gallery_features_of(model, dataset, count: int) -> torch.Tensor:
+    """The normalised text features of the caption gallery :func:`encoder_examples` ranks (``count`` as there)."""
+    with eval_mode(model):
+        return _embed_texts(model, [caption for item in _gallery_items(dataset, count) for caption in item.captions])
+
+
 def encoder_examples(model, encoder: str, dataset, attacks: tuple[str, ...], eps: tuple[float, ...], count: int,
-                     seed: int, candidates=None) -> tuple[list[Example], dict[str, torch.Tensor]]:
-    """The examples of one encoder, and the images they show keyed by file name (written by :func:`write_examples`)."""
+                     seed: int, candidates=None, gallery_features: torch.Tensor | None = None) -> tuple[list[Example], dict[str, torch.Tensor]]:
+    """The examples of one encoder, and the images they show keyed by file name (written by :func:`write_examples`).
+
+    ``gallery_features``: the gallery's text features when the caller has them (:func:`gallery_features_of`; models
+    that share a frozen text tower share them); computed here otherwise.
+    """
     device = model.pixel_mean.device
-    items = [dataset[i] for i in range(min(len(dataset), max(count, GALLERY_IMAGES)))]
+    items = _gallery_items(dataset, count)
     gallery = [caption for item in items for caption in item.captions]
     owner = [index for index, item in enumerate(items) for _ in item.captions]
     shown = items[:count]
@@ -100,7 +114,8 @@ def encoder_examples(model, encoder: str, dataset, attacks: tuple[str, ...], eps
     captions = [list(item.captions) for item in shown]
     examples, pictures = [], {}
     with eval_mode(model):
-        gallery_features = _embed_texts(model, gallery)
+        if gallery_features is None:
+            gallery_features = _embed_texts(model, gallery)
         runs = [(CLEAN, None)] + [(attack, e) for attack in attacks for e in eps]
         for run_index, (attack, e) in enumerate(runs):
             if attack == CLEAN:
@@ -161,16 +176,19 @@ def write_trial_examples(model, dataset, config, directory: Path) -> Path:
 
     device = model.pixel_mean.device
     undefended = load_model(config.model).to(device)
+    # Fine-tuning changes the vision encoder only: both models share the frozen text tower, so the caption gallery's
+    # features and the text attacks' word source are built once, from the undefended model.
+    candidates = None
+    if any(attack in TEXT_ATTACKS for attack in config.eval_attacks):
+        from trainables.attacks.word_candidates import candidate_source  # local: may load transformers
+
+        candidates = candidate_source(config.word_candidates, undefended, device)
+    gallery_features = gallery_features_of(undefended, dataset, config.examples)
     examples, pictures = [], {}
     for encoder, victim in (("undefended", undefended), ("fine-tuned", model)):
-        candidates = None
-        if any(attack in TEXT_ATTACKS for attack in config.eval_attacks):
-            from trainables.attacks.word_candidates import candidate_source  # local: may load transformers
-
-            candidates = candidate_source(config.word_candidates, victim, device)
         # One eps, the largest evaluated: the pictures are for looking, and each attack costs a run per encoder.
         found, drawn = encoder_examples(victim, encoder, dataset, tuple(config.eval_attacks), (max(config.eval_eps),),
-                                        config.examples, config.seed, candidates)
+                                        config.examples, config.seed, candidates, gallery_features)
         examples += found
         pictures |= drawn
     # The model's kind only: a spec's paths may hold what the platform redacts from params (a token in a folder name).
