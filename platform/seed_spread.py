@@ -61,7 +61,7 @@ def download_ranks(client: MlflowClient, run: Run) -> dict[tuple[str, float | No
         return read_ranks(Path(path))
 
 
-def _ranks_of_cell(ranks: dict[tuple[str, float | None], QueryRanks], attack: str, eps_255: float | None) -> QueryRanks | None:
+def ranks_of_cell(ranks: dict[tuple[str, float | None], QueryRanks], attack: str, eps_255: float | None) -> QueryRanks | None:
     for (found_attack, found_eps), query_ranks in ranks.items():
         same_eps = (found_eps is None) if eps_255 is None else (found_eps is not None and abs(found_eps * 255 - eps_255) < 1e-6)
         if found_attack == attack and same_eps:
@@ -81,7 +81,7 @@ def cell_spreads(client: MlflowClient, runs: list[Run], columns: list[str]) -> d
         match = RECALL_CELL.match(column)
         if match and len(values) == len(runs) and all(r is not None for r in ranks):
             attack, eps_255 = (CLEAN, None) if match["unattacked"] else (match["attack"], float(match["eps"]))
-            per_seed = [_ranks_of_cell(r, attack, eps_255) for r in ranks]
+            per_seed = [ranks_of_cell(r, attack, eps_255) for r in ranks]
             if all(p is not None for p in per_seed):
                 interval = bootstrap_recall_interval(per_seed, TR if match["direction"] == "tr" else IR, int(match["k"]))
         spreads[column] = Spread(seeds=len(values), std=mean_std(values)[1], interval=interval)

@@ -17,6 +17,7 @@ from fake_sweeps import CAPTIONER, RETRIEVER
 from platform import compare
 from platform.compare import caption_columns, comparison_rows, markdown, recall_columns
 from platform.tracking import SWEEP_TAG, TRIAL_TAG
+from trainables.errors import UserError
 from trainables.names import CAPTION_KEYS
 
 TEXT = ["model", "defense", "eps", "trials", "seeds"]
@@ -151,3 +152,31 @@ def test_the_reports_paper_table_shows_each_cells_spread_and_interval(fake_sweep
     low, high = fare["spread"]["clean/tr1"].interval
     assert f'<td data-column="clean/tr1">35.0 ± 7.1 [{low:.1f}, {high:.1f}]</td>' in html
     assert "mean ± standard deviation over the seeds" in html
+
+
+def test_paired_compares_the_configurations_compare_shows_on_the_same_test_images(fake_sweeps_store, monkeypatch, capsys):
+    from fake_sweeps import SEEDS_TRIALS
+    from platform import paired
+    from trainables.evaluation.uncertainty import TR, paired_difference
+
+    client = MlflowClient(fake_sweeps_store)
+    # MAVA's chosen configuration is the table's (lr 1e-3, one seed, robust TR@1 25); FARE's two seeds average 20.
+    result = paired.compare_pair(client, "seeds", {"defense": "mava"}, {"defense": "fare"}, "pgd/eps4/tr1")
+    assert (result["a"]["seeds"], result["a"]["mean"], result["b"]["seeds"], result["b"]["mean"]) == (1, 25.0, 2, 20.0)
+    ranks = {trial.trial_id: trial.ranks[1] for trial in SEEDS_TRIALS}  # [1]: pgd at 4/255
+    oracle = paired_difference([ranks["s3"]], [ranks["s4"], ranks["s5"]], TR)
+    assert result["difference"] == pytest.approx(5.0) == pytest.approx(oracle.difference)
+    assert tuple(result["interval_95"]) == oracle.interval and result["test_images"] == 20
+    # A narrower selection picks the other MAVA configuration (two seeds, mean 22.5).
+    narrower = paired.compare_pair(client, "seeds", {"defense": "mava", "lr": "0.0001"}, {"defense": "fare"}, "pgd/eps4/tr1")
+    assert narrower["a"]["seeds"] == 2 and narrower["difference"] == pytest.approx(2.5)
+    for a, b, metric, message in [({"defense": "mava"}, {"defense": "mava"}, "clean/tr1", "select the same trials"),
+                                  ({"defense": "tecoa"}, {"defense": "fare"}, "clean/tr1", "no finished trial has these params"),
+                                  ({"defense": "mava"}, {"defense": "fare"}, "train/loss", "a recall cell is needed")]:
+        with pytest.raises(UserError, match=message):
+            paired.compare_pair(client, "seeds", a, b, metric)
+    monkeypatch.setattr(sys, "argv", ["platform.paired", "--experiment", "seeds", "--tracking-uri", fake_sweeps_store,
+                                      "--a", "defense=mava", "--b", "defense=fare", "--metric", "pgd/eps4/tr1"])
+    assert paired.main() == 0
+    printed = capsys.readouterr().out
+    assert "A - B = +5.0 points, paired bootstrap 95% [" in printed and "over 20 test images" in printed

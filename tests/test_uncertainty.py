@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainables.evaluation.uncertainty import (IR, TR, QueryRanks, bootstrap_recall_interval, mean_std, read_ranks, recall_of,
-                                               write_ranks)
+from trainables.evaluation.uncertainty import (IR, TR, QueryRanks, bootstrap_recall_interval, mean_std, paired_difference, read_ranks,
+                                               recall_of, write_ranks)
 
 
 def ranks(image_hits: list[bool], caption_hits: list[bool], caption_image: list[int], attack: str = "clean",
@@ -66,6 +66,37 @@ def test_seeds_share_each_draw_of_images():
     assert bootstrap_recall_interval([first, second], TR) == (50.0, 50.0)
     with pytest.raises(ValueError, match="different"):
         bootstrap_recall_interval([first, ranks([True], [True], [0])], TR)
+
+
+def test_a_paired_difference_cancels_the_noise_both_configurations_share():
+    # B hits a random half of 200 images; A hits the same images and 10 more (5 points better everywhere).
+    rng = np.random.default_rng(3)
+    b_hits = rng.random(200) < 0.5
+    a_hits = b_hits.copy()
+    a_hits[np.flatnonzero(~b_hits)[:10]] = True
+    captions = list(np.repeat(np.arange(200), 2))
+    a, b = ranks(list(a_hits), list(np.repeat(a_hits, 2)), captions), ranks(list(b_hits), list(np.repeat(b_hits, 2)), captions)
+    paired = paired_difference([a], [b], TR)
+    assert paired.difference == pytest.approx(5.0)
+    # Separately, the two intervals overlap (each is about +-7 points wide) ...
+    (a_low, a_high), (b_low, b_high) = bootstrap_recall_interval([a], TR), bootstrap_recall_interval([b], TR)
+    assert a_low < b_high
+    # ... but on the same draws A is never worse: the paired interval excludes 0 and every draw favours A.
+    assert 0 < paired.interval[0] <= 5.0 <= paired.interval[1] and paired.share_a_better == 1.0
+    # The oracle: the same draws (default_rng(0), 1000 x 200), A's hit share minus B's, percentiles 2.5 and 97.5.
+    draws = np.random.default_rng(0).integers(0, 200, size=(1000, 200))
+    expected = np.percentile(100.0 * (a_hits[draws].mean(axis=1) - b_hits[draws].mean(axis=1)), [2.5, 97.5])
+    assert paired.interval == pytest.approx(tuple(expected))
+    assert paired_difference([a], [b], IR).difference == pytest.approx(5.0)
+
+
+def test_a_paired_difference_of_equal_configurations_is_exactly_zero_and_refuses_other_test_sets():
+    same = ranks([True, False, True], [True, False, False], [0, 1, 2])
+    assert paired_difference([same, same], [same], TR) == paired_difference([same], [same], TR)
+    result = paired_difference([same], [same], TR)
+    assert (result.difference, result.interval, result.share_a_better) == (0.0, (0.0, 0.0), 0.0)
+    with pytest.raises(ValueError, match="different or no test images"):
+        paired_difference([same], [ranks([True], [True], [0])], TR)
 
 
 def test_ranks_file_round_trips_every_attack_and_eps(tmp_path):

@@ -17,6 +17,11 @@ zstd: ~20 KB for 500 images, 2,500 captions and three attack × eps cells). From
   seeds share the test set) and the seeds' recalls averaged; the interval is the
   2.5th and 97.5th percentiles of those means. It measures the test set's sampling
   noise, not the seeds' spread, which :func:`mean_std` reports beside it.
+* :func:`paired_difference`: the seed-mean recall of configuration A minus that of B,
+  and its *paired* percentile bootstrap interval: every draw resamples the test images
+  once and scores both configurations on the same draw, so the noise they share (an
+  easy or hard test set) cancels. Two configurations whose separate intervals overlap
+  can still differ reliably; the interval of the difference is what says so.
 """
 
 from __future__ import annotations
@@ -131,3 +136,39 @@ def recall_of(ranks: QueryRanks, direction: str, k: int = 1) -> float:
     """Recall@k (percent) of all the queries, as the evaluation computes it (for checks against the metrics)."""
     chosen = ranks.image_ranks if direction == TR else ranks.caption_ranks
     return 100.0 * float((chosen < k).mean())
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Seed-mean recall of A minus B (percent points), its paired bootstrap interval, and the draws' share with A > B."""
+
+    difference: float
+    interval: tuple[float, float]
+    share_a_better: float
+
+
+def paired_difference(a_seeds: list[QueryRanks], b_seeds: list[QueryRanks], direction: str, k: int = 1,
+                      resamples: int = RESAMPLES, rng_seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> PairedDifference:
+    """A minus B on the same test images: the paired percentile bootstrap (module docstring).
+
+    Args:
+        a_seeds, b_seeds: one :class:`QueryRanks` per seed of each configuration, all on the same test images.
+        direction: :data:`TR` or :data:`IR`.
+    """
+    if not a_seeds or not b_seeds:
+        raise ValueError("a paired difference needs ranks of at least one seed on each side")
+    sizes = {len(s.image_ranks) for s in a_seeds + b_seeds}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"the two configurations' ranks cover different or no test images ({sorted(sizes)}): compare runs "
+                         "evaluated on the same test set")
+    num_images = sizes.pop()
+    draws = np.random.default_rng(rng_seed).integers(0, num_images, size=(resamples, num_images))
+    def seed_mean(seeds: list[QueryRanks], rows: np.ndarray) -> np.ndarray:
+        return np.mean([_recalls_of_draws(s, direction, k, rows) for s in seeds], axis=0)
+
+    differences = seed_mean(a_seeds, draws) - seed_mean(b_seeds, draws)
+    everything = np.arange(num_images)[None, :]  # the test set itself: the observed difference
+    observed = float((seed_mean(a_seeds, everything) - seed_mean(b_seeds, everything))[0])
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(differences, [tail, 100.0 - tail])
+    return PairedDifference(observed, (float(low), float(high)), float((differences > 0).mean()))
