@@ -100,10 +100,10 @@ def load_evaluated_model(spec: ModelSpec, weights: Path | None, device: torch.de
 
 
 def format_table(rows: list[RetrievalRow]) -> str:
-    """Rows: clean and each attack × eps; columns TR@1/5/10, IR@1/5/10, threat, text source."""
-    header = ["attack", "eps"] + list(COLUMNS.values()) + ["threat", "text"]
+    """Rows: clean and each attack × eps; columns TR@1/5/10, IR@1/5/10, threat, text source, scoring (itc or ITM re-ranking)."""
+    header = ["attack", "eps"] + list(COLUMNS.values()) + ["threat", "text", "scoring"]
     body = [[row.attack, row.to_json()["eps"] or "-"] + [f"{row.recalls[key]:.1f}" for key in RECALL_KEYS]
-            + [row.threat, row.text_source or "-"] for row in rows]
+            + [row.threat, row.text_source or "-", row.scoring] for row in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     numeric = set(range(2, 2 + len(COLUMNS)))
     render = lambda line: "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))

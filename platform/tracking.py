@@ -29,11 +29,12 @@ from platform.tracking_recovery import checkpointed_epochs
 from trainables.config import TrainConfig
 from trainables.models import model_kind
 from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFACT_DIR, CHECKPOINT_PATH_KEY, DEFENSE_TAG,
-                              ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG,
+                              ENDED_STATUSES, EPOCH, EPS_TAG, FAILURE_TAG, FINAL_PREFIX, MODEL_FAMILY_TAG, MODEL_TAG, SCORING_TAG,
                               PARENT_RUN_TAG, REGISTERED_AS_TAG, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, STATE_FILE, STATUS_RUNNING,
                               SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, EFFECTIVE_BATCH_SIZE, EXAMPLES_ARTIFACT_DIR, RANKS_FILE,
                               eps_fraction)
 from trainables.errors import UserError
+from trainables.evaluation.rerank import scoring_label
 from trainables.ray_worker import training_options
 from trainables.tasks import Task, task_info
 
@@ -172,6 +173,8 @@ def trial_tags(params: dict[str, Any]) -> dict[str, str]:
     kind = model_kind(params["model"])
     tags = {MODEL_TAG: params["model"], MODEL_FAMILY_TAG: kind.family, TASK_TAG: run_task(params).value,
             DEFENSE_TAG: params["defense"], EPS_TAG: eps_fraction(float(params["eps"]))}
+    if run_task(params) is Task.RETRIEVAL:  # the model class's rule, the same label every result row of the trial carries
+        tags[SCORING_TAG] = scoring_label(kind.model_class, int(params.get("k_test", TrainConfig.model_fields["k_test"].default)))
     if params.get(BASE_WEIGHTS_SHA256):
         tags[BASE_WEIGHTS_SHA256] = params[BASE_WEIGHTS_SHA256]
     return tags

@@ -23,7 +23,7 @@ from trainables.models import parse_model_spec
 from trainables.models import embedded
 from trainables.models.embedded import base_weights_sha256, resolve_model, verify_base_weights
 from trainables.models.weights import CONTENT_ADDRESSED, file_sha256, read_state_dict
-from trainables.names import BASE_WEIGHTS_SHA256, MODEL_FAMILY_TAG, PINNED_SPECS_KEY, TASK_TAG
+from trainables.names import BASE_WEIGHTS_SHA256, MODEL_FAMILY_TAG, PINNED_SPECS_KEY, SCORING_TAG, TASK_TAG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,6 +100,7 @@ def test_every_trial_records_the_base_weights_sha256_and_the_kinds_family(tmp_pa
     # The old substring guess ("clip" in the spec, else the kind) tagged this run "hf-blip-itr".
     assert run.data.tags[MODEL_FAMILY_TAG] == "blip"
     assert run.data.tags[TASK_TAG] == "retrieval"
+    assert run.data.tags[SCORING_TAG] == "itc+itm@128"  # BLIP re-scores the ITC top-k_test (default 128) by ITC + ITM
 
 
 def test_the_edge_parses_specs_once_and_workers_get_canonical_strings(pinned, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ def test_evaluate_runs_end_to_end_and_writes_json_rows(tmp_path, pretrained_tiny
         assert row["text_source"] == expected_source
     # the table: a header with the recall columns and one line per row
     assert "TR@1" in result.stdout and "IR@10" in result.stdout and result.stdout.count("white-box") == len(rows) - 1
+    assert "scoring" in result.stdout.splitlines()[0] and all(row["scoring"] == "itc" for row in rows)  # a dual encoder: cosine
     assert "Traceback" not in result.stderr
 
 

@@ -42,6 +42,8 @@ ROLE_TAG = TAG_PREFIX + "role"  # ROLE_SWEEP on the parent run, ROLE_TRIAL on ea
 MODEL_TAG = TAG_PREFIX + "model"  # the model spec as the user wrote it
 MODEL_FAMILY_TAG = TAG_PREFIX + "model_family"  # the model kind's family (clip, blip, ...)
 TASK_TAG = TAG_PREFIX + "task"  # the task the trial was trained and evaluated for (trainables.tasks)
+# How a retrieval trial's recall was scored: "itc" (cosine) or the ITM re-ranking, e.g. "itm@128" (trainables.evaluation.rerank).
+SCORING_TAG = TAG_PREFIX + "scoring"
 DEFENSE_TAG = TAG_PREFIX + "defense"
 EPS_TAG = TAG_PREFIX + "eps"  # training eps as the paper writes it: "4/255"
 FAILURE_TAG = TAG_PREFIX + "failure"  # why a trial failed (e.g. its loss became NaN), on its FAILED child run
