@@ -152,10 +152,10 @@ def pgd_itm_attack(model, images: torch.Tensor, expressions: list[str], eps: flo
 
 
 def co_attack_grounding(model, images: torch.Tensor, expressions: list[str], eps: float, generator: torch.Generator,
-                        candidates=None) -> AttackOutput:
+                        candidates=None, steps: int = 10) -> AttackOutput:
     """Co-attack on (image, expression) pairs with the raw ``[CLS]`` features (``Co-Attack:GroundingEval.py``)."""
     view = UnimodalCls(model)
-    output = co_attack(view, images, [(e,) for e in expressions], eps, generator, candidates=candidates)
+    output = co_attack(view, images, [(e,) for e in expressions], eps, generator, steps=steps, candidates=candidates)
     return dataclasses.replace(output, text_source=f"{output.text_source}, {view.name} features")
 
 
