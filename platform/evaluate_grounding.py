@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: --task grounding needs referring expressions with boxes ({grounding_kinds}), "
                         f"e.g. {KINDS['synthetic-vg'].example}")
     output = output_file(args.output) if args.output else None
-    # The embedded MLM knows the shapes world's words, the referring expressions' too (synthetic-vg).
-    mlm_problem = None if data_spec.kind == "synthetic-vg" else embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
+    mlm_problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
     if mlm_problem:
         raise UserError(f"--word-candidates: {mlm_problem}")
 

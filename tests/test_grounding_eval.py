@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from albef_fakes import write_tiny_albef
+from trainables.data import load_dataset
 from trainables.data.grounding import GroundingItem
 from trainables.errors import UserError
 from trainables.evaluation.grounding_eval import (GroundingSettings, accuracy_keys, attach_grounding_warnings,
@@ -109,8 +110,6 @@ def albef(albef_spec):
 
 @pytest.fixture(scope="module")
 def vg_items():
-    from trainables.data import load_dataset
-
     return load_dataset("synthetic-vg:test,n=6", 32)
 
 
@@ -196,3 +195,19 @@ def test_platform_evaluate_task_grounding_writes_rows_and_refuses_bad_input(albe
         main(["--task", "grounding", "--model", albef_spec, "--data", "synthetic:test,n=3"])
     with pytest.raises(UserError, match="--task grounding"):
         main(["--task", "grounding", "--model", "tiny-clip", "--data", "synthetic-vg:test,n=3"])
+
+
+def test_run_training_evaluates_grounding_after_the_epoch(albef_spec, tmp_path):
+    from trainables.config import TrainConfig
+    from trainables.train import run_training
+
+    config = TrainConfig(model=albef_spec, task="grounding", defense="fare", train_data="synthetic:train,n=4",
+                         eval_data="synthetic-vg:test,n=3", epochs=1, batch_size=4, pgd_steps=1, eval_eps=("2/255",),
+                         eval_attacks=("pgd",), lr=1e-3)
+    reported = []
+    metrics = run_training(config, lambda m, checkpoint: reported.append(m), tmp_path, model=load_model(albef_spec))
+    expected = {"clean/acc", "clean/acc_val", "clean/acc_testA", "clean/acc_testB", "pgd/eps2/acc", "pgd/eps2/acc_testB"}
+    assert expected <= set(metrics) and all(0.0 <= metrics[k] <= 100.0 for k in expected)
+    assert not any(key.endswith("tr1") for key in metrics)  # the retrieval evaluator did not run
+    with pytest.raises(UserError, match="grounding needs referring expressions"):
+        evaluate_grounding_rows(load_model(albef_spec), load_dataset("synthetic:test,n=2", 32), GroundingSettings(attacks=()))

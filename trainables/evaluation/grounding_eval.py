@@ -40,7 +40,7 @@ from tqdm import tqdm
 from trainables.attacks.base import AttackOutput, eval_mode, frozen_eval
 from trainables.attacks.co_attack import co_attack
 from trainables.attacks.pgd import PGDSettings, pgd
-from trainables.data.grounding import GroundingBatch, collate_grounding
+from trainables.data.grounding import GroundingBatch, GroundingItem, collate_grounding
 from trainables.errors import UserError
 from trainables.evaluation.gradcam import gradcam_map
 from trainables.evaluation.grounding import accuracy_per_split, ground, is_hit
@@ -199,6 +199,9 @@ def evaluate_grounding_rows(model, dataset, settings: GroundingSettings, surroga
     if not hasattr(model, "itm_cross_attention"):
         raise UserError(f"{getattr(model, 'spec', model)} cannot ground expressions: grounding needs a fusion model with "
                         "an ITM head (albef:/tcl: with a retrieval checkpoint)")
+    if len(dataset) and not isinstance(dataset[0], GroundingItem):
+        raise UserError(f"grounding needs referring expressions with boxes (synthetic-vg:, refcoco+:), but the evaluation "
+                        f"set yields {type(dataset[0]).__name__}: set eval_data to e.g. synthetic-vg:test,n=300")
     with eval_mode(model), (eval_mode(surrogate) if surrogate is not None else contextlib.nullcontext()):
         return _rows(model, dataset, settings, surrogate, progress)
 
