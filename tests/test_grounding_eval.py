@@ -211,3 +211,33 @@ def test_run_training_evaluates_grounding_after_the_epoch(albef_spec, tmp_path):
     assert not any(key.endswith("tr1") for key in metrics)  # the retrieval evaluator did not run
     with pytest.raises(UserError, match="grounding needs referring expressions"):
         evaluate_grounding_rows(load_model(albef_spec), load_dataset("synthetic:test,n=2", 32), GroundingSettings(attacks=()))
+
+
+# ---- the embedded grounding fine-tuning (ALBEF's Grounding.py:train: ITC + ITM on the expressions) ----------
+
+
+def test_grounding_finetuning_is_cached_by_content_and_loads_strictly(albef_spec, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from trainables.models.albef import load_albef
+    from trainables.models.tiny_albef_vg import WEIGHTS, VgRecipe, albef_state, ensure_tiny_albef_vg
+
+    monkeypatch.setenv("MAVA_CACHE_DIR", str(tmp_path / "cache"))
+    base = load_model(albef_spec)
+    base_dir = tmp_path / "base"
+    shutil.copytree(albef_spec.split(":", 1)[1].split("@")[0], base_dir)
+    save_file(albef_state(base), str(base_dir / WEIGHTS))
+    recipe = VgRecipe(train_refs=8, epochs=1, batch_size=4)
+    folder = ensure_tiny_albef_vg(base_dir, recipe, progress=False)
+    assert folder.name == f"tiny-albef-vg-{recipe.cache_key(base_dir / WEIGHTS)}" and folder.parent == tmp_path / "cache"
+    tuned = load_albef(folder, folder / WEIGHTS, "albef:tuned")  # strict load: ALBEF's retrieval layout
+    before, after = base.state_dict(), tuned.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))  # every weight trains
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
+    assert json.loads((folder / "recipe.json").read_text())["train_refs"] == 8
+    stamp = (folder / WEIGHTS).stat().st_mtime_ns
+    assert ensure_tiny_albef_vg(base_dir, recipe, progress=False) == folder and (folder / WEIGHTS).stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="not a tiny-albef folder"):
+        ensure_tiny_albef_vg(tmp_path, recipe, progress=False)
