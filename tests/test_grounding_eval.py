@@ -241,3 +241,11 @@ def test_grounding_finetuning_is_cached_by_content_and_loads_strictly(albef_spec
     assert ensure_tiny_albef_vg(base_dir, recipe, progress=False) == folder and (folder / WEIGHTS).stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="not a tiny-albef folder"):
         ensure_tiny_albef_vg(tmp_path, recipe, progress=False)
+
+
+def test_the_comparison_table_has_grounding_columns():
+    from platform.compare import grounding_columns, recall_columns
+
+    recorded = {"clean/acc", "clean/acc_testB", "pgd/eps4/acc", "pgd/eps2/acc", "pgd/eps2/acc_testB", "train/loss"}
+    assert grounding_columns(recorded) == ["clean/acc", "clean/acc_testB", "pgd/eps2/acc", "pgd/eps2/acc_testB", "pgd/eps4/acc"]
+    assert recall_columns(recorded) == []
