@@ -31,6 +31,7 @@ from trainables.evaluation.grounding_eval import (GROUNDING_ATTACKS, GroundingRo
                                                   evaluate_grounding_rows, grounding_baselines, grounding_honesty_checks)
 from trainables.models import parse_model_spec
 from trainables.names import CLEAN, GROUNDING_KEYS
+from trainables.tasks import Task
 
 COLUMNS = {"acc": "acc", "acc_val": "val", "acc_testA": "testA", "acc_testB": "testB"}
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if output is not None:
         context = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "seed": args.seed,
-                   "task": "grounding", "baselines": dataclasses.asdict(baselines)}
+                   "task": Task.GROUNDING.value, "baselines": dataclasses.asdict(baselines)}
         output.write_text(json.dumps([{**row.to_json(), **context} for row in rows], indent=2))
         print(f"wrote {output}", file=sys.stderr)
     return 0
