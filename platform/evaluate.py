@@ -125,7 +125,9 @@ def chosen_task(args: argparse.Namespace) -> Task:
 
 # Tasks other than retrieval: the module of their own evaluation, same arguments (its ``run(args) -> int``);
 # imported when chosen, since those modules use this one's helpers.
-TASK_RUNNERS: dict[Task, str] = {}
+TASK_RUNNERS: dict[Task, str] = {
+    Task.GROUNDING: "platform.evaluate_grounding",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,3 +115,89 @@ def test_upsampling_is_bicubic_to_height_and_width():
     expected = torch.nn.functional.interpolate(grid.view(1, 1, 4, 4), size=(10, 20), mode="bicubic", align_corners=False)[0, 0]
     assert out.shape == (10, 20) and torch.equal(out, expected)
     assert upsample_map(grid.expand(3, 4, 4), (8, 8)).shape == (3, 8, 8)
+
+
+# ---- on a fake ALBEF: the real fusion layers, the real ITM head ---------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_albef(tmp_path_factory):
+    from albef_fakes import write_tiny_albef
+    from trainables.models.albef import load_albef
+
+    text_dir, checkpoint = write_tiny_albef(tmp_path_factory.mktemp("gradcam-albef"))
+    return load_albef(text_dir, checkpoint, "albef:fake")
+
+
+def test_albef_gradcam_leaves_parameter_gradients_and_modes_untouched(fake_albef):
+    from trainables.evaluation.grounding_eval import grounding_maps
+
+    model = fake_albef
+    model.train()
+    model.vision.requires_grad_(True)  # as during fine-tuning: the ViT's weights could receive gradients
+    marked = dict(list(model.named_parameters())[:3])
+    for p in marked.values():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    maps = grounding_maps(model, torch.rand(2, 3, model.image_size, model.image_size), ["the red circle", "a shape"])
+    grid = model.vision.config.grid
+    assert maps.shape == (2, grid, grid) and (maps >= 0).all() and maps.sum() > 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, torch.full_like(p, 7.0)) if name in marked else p.grad is None, name
+        p.grad = None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert modes == {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    model.vision.requires_grad_(False)
+
+
+def test_albef_gradcam_layer_is_albefs_layer_8_of_12_and_refuses_a_text_layer(fake_albef):
+    from trainables.errors import UserError
+
+    class Config:
+        fusion_layer, num_hidden_layers = 6, 12
+
+    base = type(fake_albef)
+    assert base.gradcam_layer.fget(type("M", (), {"text_encoder": type("T", (), {"config": Config})})()) == 8
+    assert fake_albef.gradcam_layer == 1  # the fake's one fusion layer (fusion_layer 1 of 2)
+    with pytest.raises(UserError, match="not a fusion layer"):
+        fake_albef.itm_cross_attention(torch.rand(1, 3, 32, 32), ["a shape"], layer=0)
+
+
+def test_albef_gradcam_peaks_on_the_referred_object(fake_albef, monkeypatch):
+    """Hand-made: only the referred patch's image token carries feature 0, and the GradCAM layer's
+    cross-attention values read only that feature (value = u * token[0]); the ITM head is oriented
+    so that u raises the match logit. ALBEF's map must then be zero everywhere but that patch,
+    and the upsampled map must pick the referred object's proposal."""
+    import copy
+
+    from trainables.evaluation.grounding import ground
+    from trainables.evaluation.grounding_eval import grounding_maps
+
+    model = copy.deepcopy(fake_albef)
+    grid, width = model.vision.config.grid, model.vision.config.width
+    referred = [5, 10]  # patch index per item: (row 1, col 1) and (row 2, col 2) of the 4x4 grid
+    tokens = _image_tokens(len(referred), grid * grid, referred, width=width)
+    monkeypatch.setattr(model, "image_tokens", lambda pixels: tokens.clone())
+    value = model.text_encoder.encoder.layer[model.gradcam_layer].crossattention.self.value
+    u = torch.randn(value.out_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        value.weight.zero_()
+        value.weight[:, 0] = u
+        value.bias.zero_()
+    pixels, texts = torch.rand(2, 3, 32, 32), ["the red circle", "the blue square"]
+    maps = grounding_maps(model, pixels, texts)
+    if maps.sum() == 0:  # every d(logit)/d(context) . u was <= 0: orient the ITM head the other way
+        with torch.no_grad():
+            model.itm_head.weight[1].neg_()
+            model.itm_head.bias[1].neg_()
+        maps = grounding_maps(model, pixels, texts)
+    for b, patch in enumerate(referred):
+        flat = maps[b].flatten()
+        assert int(flat.argmax()) == patch and flat[patch] > 0
+        assert torch.count_nonzero(flat) == 1  # zero wherever the value carries nothing of u
+    # 64 x 64 original image: patch (r, c) covers [16c, 16c + 16) x [16r, 16r + 16).
+    referred_box, other_box = (16.0, 16.0, 16.0, 16.0), (40.0, 0.0, 20.0, 20.0)
+    assert ground(maps[0], (64, 64), [other_box, referred_box]) == referred_box
+    assert ground(maps[1], (64, 64), [referred_box, (32.0, 32.0, 16.0, 16.0)]) == (32.0, 32.0, 16.0, 16.0)

@@ -114,8 +114,12 @@ def test_syntax_errors_and_missing_files(tmp_path):
 def test_shipped_sweep_files_are_valid():
     for path in sorted((REPO_ROOT / "search_spaces").glob("*.yaml")):
         # A captioner preset keeps its model kind (its objective is a caption metric); validation reads no model file.
-        model = {} if is_captioner_spec(yaml.safe_load(path.read_text())["experiment"]["model"]) else {"experiment.model": "tiny-clip"}
-        load_sweep_spec(path, {**model, "experiment.train_data": "synthetic:train", "experiment.eval_data": "synthetic:test"})
+        experiment = yaml.safe_load(path.read_text())["experiment"]
+        model = {} if is_captioner_spec(experiment["model"]) else {"experiment.model": "tiny-clip"}
+        data = {"experiment.train_data": "synthetic:train", "experiment.eval_data": "synthetic:test"}
+        if experiment.get("task") == "grounding":  # a fusion model (every task) and an expression set; no file is read
+            model, data["experiment.eval_data"] = {"experiment.model": "albef:/models/bert@/models/albef.pth"}, "synthetic-vg:test"
+        load_sweep_spec(path, {**model, **data})
 
 
 def test_the_command_line_prints_one_message_and_exits_2(tmp_path):

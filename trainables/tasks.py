@@ -20,14 +20,16 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
+from trainables.evaluation.grounding_eval import evaluate_grounding_epoch
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval_rows, metrics_from_rows
 from trainables.evaluation.uncertainty import write_ranks
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
+from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, GROUNDING_KEYS, GROUNDING_SPLIT_KEYS, RECALL_KEYS, metric_name
 
 
 class Task(str, Enum):
     RETRIEVAL = "retrieval"  # image-text retrieval: recall@k, clean and under white-box attacks
     CAPTIONING = "captioning"  # image captioning: COCO caption metrics of clean captions
+    GROUNDING = "grounding"  # weakly supervised visual grounding: accuracy (IoU >= 0.5), clean and under attack
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,15 @@ TASKS: dict[Task, TaskInfo] = {
         # METEOR and SPICE are missing wherever Java or SPICE's jars are, so they are not objectives.
         produces="a captioner's evaluation: clean captions, BLEU/ROUGE-L/CIDEr",
     ),
+    Task.GROUNDING: TaskInfo(
+        # acc: every expression; acc_val/acc_testA/acc_testB: the splits the eval set holds (synthetic-vg:test has all
+        # three, a RefCOCO+ val file only val): a split objective the eval set lacks is never recorded.
+        evaluate=evaluate_grounding_epoch, metric_keys=GROUNDING_KEYS, objective_keys=GROUNDING_KEYS,
+        summary_keys=GROUNDING_KEYS[:1], table_keys=GROUNDING_KEYS, rank_key=GROUNDING_KEYS[0],
+        defenses=("mava", "fare", "tecoa"), white_box_eval=True,
+        threat_model="white-box (attacks computed on the fine-tuned model itself)",
+        produces="experiment.eval_attacks (pgd, co-attack) x eval_eps, grounding accuracy",
+    ),
 }
 
 
@@ -133,4 +144,6 @@ def task_of_metrics(metric_names: set[str] | list[str]) -> Task:
     """The task whose evaluation wrote these metrics (runs recorded before the task tag existed)."""
     if any(task_info(Task.CAPTIONING).owns_metric(name) for name in metric_names):
         return Task.CAPTIONING
+    if any(name.rsplit("/", 1)[-1] in GROUNDING_SPLIT_KEYS.values() for name in metric_names):
+        return Task.GROUNDING
     return Task.RETRIEVAL

@@ -182,6 +182,41 @@ class AlbefVLP(VLPModel):
         pairs = self.itm_pair_logits(tokens.repeat_interleave(num_texts, dim=0), list(texts) * num_images)
         return pairs.view(num_images, num_texts)
 
+    @property
+    def gradcam_layer(self) -> int:
+        """ALBEF's GradCAM layer: the third of six fusion layers (``--block_num 8`` of 12), scaled to this model's depth."""
+        config = self.text_encoder.config
+        return config.fusion_layer + (config.num_hidden_layers - config.fusion_layer) // 3
+
+    def itm_cross_attention(self, pixels: torch.Tensor, texts: list[str],
+                            layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITM match logits (B,) of pairs (pixels[b], texts[b]) with one fusion layer's cross-attention probabilities.
+
+        Returns ``(logits, attention (B, heads, L, 1 + patches), text mask (B, L))``; the attention
+        is in the logits' autograd graph through image tokens detached from the ViT and made to
+        require grad, so ``torch.autograd.grad(logits.sum(), attention)`` works with frozen weights
+        and never reaches a parameter. ``layer``: absolute index of a fusion layer (None: :attr:`gradcam_layer`).
+        """
+        self._need("itm", "ground expressions (GradCAM of the ITM logit)")
+        config = self.text_encoder.config
+        layer = self.gradcam_layer if layer is None else layer
+        if not config.fusion_layer <= layer < config.num_hidden_layers:
+            raise UserError(f"GradCAM layer {layer} is not a fusion layer of {self.spec}: "
+                            f"choose one of {config.fusion_layer}..{config.num_hidden_layers - 1}")
+        cross = self.text_encoder.encoder.layer[layer].crossattention.self
+        with torch.enable_grad():
+            image = self.image_tokens(pixels).detach().requires_grad_(True)
+            tokens = self._tokens(list(texts))
+            cross.save_attention = True
+            try:
+                text = self.text_encoder.text(tokens["input_ids"], tokens["attention_mask"])
+                fused = self.text_encoder.fusion(text, tokens["attention_mask"], image)
+                attention = cross.saved_attention
+            finally:
+                cross.save_attention, cross.saved_attention = False, None
+            logits = self.itm_head(fused[:, 0])[:, 1]
+        return logits, attention, tokens["attention_mask"]
+
     def entailment_logits(self, pixels: torch.Tensor, hypotheses: list[str]) -> torch.Tensor:
         """(B, 3) logits over ``ENTAILMENT_CLASSES`` of (premise image, hypothesis) pairs (``model_ve.py``)."""
         self._need("cls", "predict visual entailment")

@@ -65,6 +65,10 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(source_width, config.hidden_size)
         self.value = nn.Linear(source_width, config.hidden_size)
+        # ALBEF's save_attention flag: keep the attention probabilities (in the autograd graph) of the
+        # next forward pass, for GradCAM (AlbefVLP.itm_cross_attention); off otherwise.
+        self.save_attention = False
+        self.saved_attention: torch.Tensor | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -78,7 +82,10 @@ class BertSelfAttention(nn.Module):
         scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
         if score_bias is not None:
             scores = scores + score_bias
-        context = scores.softmax(dim=-1) @ value
+        probabilities = scores.softmax(dim=-1)
+        if self.save_attention:
+            self.saved_attention = probabilities
+        context = probabilities @ value
         return context.transpose(1, 2).reshape(hidden.shape)
 
 
