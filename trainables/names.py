@@ -15,6 +15,8 @@ CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"
 # Computed in pure Python, so present in every result (METEOR needs Java, SPICE downloaded jars):
 # the keys a sweep may optimise.
 ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
+# Visual entailment (trainables.evaluation.entailment_eval): accuracy in percent, ALBEF's correct / total.
+ENTAILMENT_KEYS = ("acc",)
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
 # Per-epoch norm of the gradient each weighted loss term alone gives the trainable vision parameters, measured
 # on the epoch's first batch (``train/gradnorm_cms`` = ||grad a*L_CMS||): how the terms of Eq. 6 are balanced.

@@ -19,15 +19,17 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from trainables.evaluation.entailment_eval import evaluate_entailment_epoch
 from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval_rows, metrics_from_rows
 from trainables.evaluation.uncertainty import write_ranks
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, RECALL_KEYS, metric_name
+from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, ENTAILMENT_KEYS, RECALL_KEYS, metric_name
 
 
 class Task(str, Enum):
     RETRIEVAL = "retrieval"  # image-text retrieval: recall@k, clean and under white-box attacks
     CAPTIONING = "captioning"  # image captioning: COCO caption metrics of clean captions
+    ENTAILMENT = "entailment"  # visual entailment: 3-way accuracy, clean and under white-box attacks
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,12 @@ TASKS: dict[Task, TaskInfo] = {
         # METEOR and SPICE are missing wherever Java or SPICE's jars are, so they are not objectives.
         produces="a captioner's evaluation: clean captions, BLEU/ROUGE-L/CIDEr",
     ),
+    Task.ENTAILMENT: TaskInfo(
+        evaluate=evaluate_entailment_epoch, metric_keys=ENTAILMENT_KEYS, objective_keys=ENTAILMENT_KEYS,
+        summary_keys=ENTAILMENT_KEYS, table_keys=ENTAILMENT_KEYS, rank_key=ENTAILMENT_KEYS[0], defenses=("mava", "fare", "tecoa"),
+        white_box_eval=True, threat_model="white-box (attacks computed on the fine-tuned entailment model itself), all pairs scored",
+        produces="experiment.eval_attacks x eval_eps (pgd, co-attack, sga) on entailment pairs",
+    ),
 }
 
 
@@ -133,4 +141,6 @@ def task_of_metrics(metric_names: set[str] | list[str]) -> Task:
     """The task whose evaluation wrote these metrics (runs recorded before the task tag existed)."""
     if any(task_info(Task.CAPTIONING).owns_metric(name) for name in metric_names):
         return Task.CAPTIONING
+    if any(task_info(Task.ENTAILMENT).owns_metric(name) for name in metric_names):
+        return Task.ENTAILMENT
     return Task.RETRIEVAL

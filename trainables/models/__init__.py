@@ -170,8 +170,8 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP, "blip", (Task.RETRIEVAL,)),
     "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP, "blip", (Task.CAPTIONING,)),
-    "albef": ModelKind(True, _load_albef, AlbefVLP, "albef", (Task.RETRIEVAL,)),
-    "tcl": ModelKind(True, _load_albef, TclVLP, "tcl", (Task.RETRIEVAL,)),
+    "albef": ModelKind(True, _load_albef, AlbefVLP, "albef", (Task.RETRIEVAL, Task.ENTAILMENT)),
+    "tcl": ModelKind(True, _load_albef, TclVLP, "tcl", (Task.RETRIEVAL, Task.ENTAILMENT)),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.
