@@ -192,6 +192,9 @@ def evaluate_entailment_rows(model, dataset, settings: EntailmentSettings, surro
     Model and surrogate run in eval mode, their modes restored after; the target is only run under
     ``no_grad`` when a surrogate crafts the attacks.
     """
+    if len(dataset) == 0 or not isinstance(dataset[0], EntailmentItem):
+        raise UserError("visual entailment scores (premise image, hypothesis, label) pairs, and this data has none: "
+                        "give entailment data (synthetic-ve:test,n=..., or snli-ve:/abs/ve_test.json,images=/abs/flickr30k-images)")
     check_entailment_attacks(settings.attacks, dataset)
     with eval_mode(model), (eval_mode(surrogate) if surrogate is not None else contextlib.nullcontext()):
         return _evaluate_rows(model, dataset, settings, surrogate, progress)
