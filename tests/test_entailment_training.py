@@ -42,3 +42,30 @@ def test_an_entailment_run_evaluates_accuracy_each_epoch_and_trains_only_the_vit
     assert all(torch.equal(p, head_before[n]) for n, p in model.named_parameters() if not n.startswith("vision."))
     assert any(not torch.equal(p, vit_before[n]) for n, p in model.vision.named_parameters())
     assert reported and reported[-1]["clean/acc"] == metrics["clean/acc"]
+
+
+@pytest.mark.slow
+def test_an_entailment_sweep_trial_runs_through_ray_train_and_mlflow(ray_session, ve_spec, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from platform.sweep import run_sweep
+    from platform.sweep_spec import parse_sweep_spec
+    from trainables.names import ROLE_TAG, ROLE_TRIAL, TASK_TAG
+
+    data = {
+        "experiment": {"name": "ve", "model": ve_spec, "task": "entailment", "train_data": "synthetic:train,n=4",
+                       "eval_data": "synthetic-ve:test,n=3", "epochs": 1, "batch_size": 4, "pgd_steps": 1,
+                       "eval_attacks": ["pgd"], "eval_eps": ["2/255"], "M": 2},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        "search": {"algorithm": "tpe", "num_trials": 1, "seed": 0, "objectives": [{"metric": "pgd/eps2/acc", "mode": "max"}]},
+        "space": {"a": {"distribution": "loguniform", "low": 0.001, "high": 0.1}},
+    }
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_sweep(parse_sweep_spec(data, "ve.yaml"), tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    assert [row["status"] for row in summary["rows"]] == ["OK"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ve")
+    [run] = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'")
+    assert run.data.tags[TASK_TAG] == Task.ENTAILMENT.value and run.info.status == "FINISHED"
+    assert {"clean/acc", "pgd/eps2/acc"} <= set(run.data.metrics)
+    assert run.data.metrics["pgd/eps2/acc"] == pytest.approx(round(run.data.metrics["pgd/eps2/acc"] * 3 / 100) * 100 / 3)
