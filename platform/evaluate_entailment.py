@@ -33,9 +33,6 @@ from trainables.models import parse_model_spec
 from trainables.names import CLEAN
 from trainables.tasks import Task
 
-EMBEDDED_WORLD_DATA = "synthetic-ve"  # hypotheses in the synthetic world's words: the embedded MLM serves them
-
-
 def format_table(rows: list[EntailmentRow]) -> str:
     """Rows: clean and each attack × eps; columns accuracy, correct/total, per-class correct/total, threat, pairs, text."""
     header = ["attack", "eps", "acc", "correct"] + [name[:13] for name in reversed(LABEL_NAMES)] + ["threat", "pairs", "text"]
@@ -63,10 +60,9 @@ def _check_inputs(args: argparse.Namespace):
     folder = mlm_folder(args.word_candidates)
     if folder is not None and not folder.is_dir():
         raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
-    if data_spec.kind != EMBEDDED_WORLD_DATA:
-        problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
-        if problem:
-            raise UserError(f"--word-candidates: {problem}")
+    problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
+    if problem:
+        raise UserError(f"--word-candidates: {problem}")
     return (parse_model_spec(args.model), parse_model_spec(args.surrogate) if args.surrogate else None,
             vision_weights_path(args.checkpoint) if args.checkpoint else None,
             vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None, data_spec,

@@ -70,7 +70,7 @@ def embedded_mlm_problem(spec: str, data: str, attacks: tuple[str, ...]) -> str 
         kind = parse_data_spec(data).kind
     except UserError:
         return None  # the data spec's own check reports it
-    if kind == "synthetic":
+    if kind in ("synthetic", "synthetic-ve"):  # synthetic-ve's hypotheses are the world's words (+ a few hidden-clause words)
         return None
     return (f"word candidates {EMBEDDED_MLM!r} (the embedded MLM) knows only the synthetic world's words, but the text "
             f"attacks run on {data!r}: give a real masked LM ({MLM_PREFIX}/absolute/folder, e.g. bert-base-uncased) "
