@@ -42,7 +42,8 @@ def test_fine_tuning_gives_a_cached_ve_model_in_albefs_layout_whose_loss_falls(b
     model = load_albef(directory, directory / WEIGHTS_FILE, "tiny-albef-ve")
     assert model.heads == {"cls"} and model.entailment_logits(torch.rand(2, 3, 32, 32), ["a star", "a cross"]).shape == (2, 3)
     # the same spec loads through the kind, which does entailment only; a second call reuses the cache
-    assert load_model(f"tiny-albef-ve@{directory / WEIGHTS_FILE}").heads == {"cls"}
+    loaded = load_model(f"tiny-albef-ve@{directory / WEIGHTS_FILE}")
+    assert loaded.heads == {"cls"} and loaded.tasks == (Task.ENTAILMENT,)
     assert model_kind("tiny-albef-ve").tasks == (Task.ENTAILMENT,)
     stamp = (directory / WEIGHTS_FILE).stat().st_mtime_ns
     assert ensure_finetuned(base_dir, RECIPE, progress=False) == directory and (directory / WEIGHTS_FILE).stat().st_mtime_ns == stamp

@@ -31,6 +31,7 @@ import torch
 from trainables.errors import UserError
 from trainables.models.albef import AlbefVLP, TclVLP, load_albef
 from trainables.models.base import VLPModel
+from trainables.models.tiny_albef_ve import TinyAlbefVeVLP, load_tiny_albef_ve
 from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
 from trainables.models.hf_clip import HfClipVLP, load_hf_clip
 from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
@@ -138,8 +139,6 @@ def _load_hf_blip_caption(spec: ModelSpec) -> VLPModel:
 
 
 def _load_tiny_albef_ve(spec: ModelSpec) -> VLPModel:
-    from trainables.models.tiny_albef_ve import load_tiny_albef_ve  # local: imports the embedded data world
-
     return load_tiny_albef_ve(str(spec), spec.weights)
 
 
@@ -179,7 +178,7 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "hf-blip-cap": ModelKind(True, _load_hf_blip_caption, BlipCaptionVLP, "blip", (Task.CAPTIONING,)),
     "albef": ModelKind(True, _load_albef, AlbefVLP, "albef", (Task.RETRIEVAL, Task.ENTAILMENT)),
     "tcl": ModelKind(True, _load_albef, TclVLP, "tcl", (Task.RETRIEVAL, Task.ENTAILMENT)),
-    "tiny-albef-ve": ModelKind(False, _load_tiny_albef_ve, AlbefVLP, "albef", (Task.ENTAILMENT,)),
+    "tiny-albef-ve": ModelKind(False, _load_tiny_albef_ve, TinyAlbefVeVLP, "albef", (Task.ENTAILMENT,)),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.

@@ -30,16 +30,23 @@ from tqdm import tqdm
 
 from trainables.data.entailment import collate_entailment
 from trainables.data.synthetic_ve import SyntheticEntailment
-from trainables.models.albef import ENTAILMENT_CLASSES, AlbefVLP, build_albef, load_albef
+from trainables.models.albef import ENTAILMENT_CLASSES, AlbefVLP, build_albef
 from trainables.models.albef_checkpoint import inference_state, read_bert_config
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer
 from trainables.models.tiny_clip import cache_dir
 from trainables.models.weights import file_sha256, read_state_dict
+from trainables.tasks import Task
 
 WEIGHTS_FILE = "weights.safetensors"
 TEXT_FILES = ("vocab.txt", "config_bert.json")
 # Retrieval heads of a pretrained/retrieval file: not part of ALBEF's VE model (model_ve.py has none).
 RETRIEVAL_KEYS = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+class TinyAlbefVeVLP(AlbefVLP):
+    """The embedded entailment model: ALBEF's adapter whose main task is visual entailment."""
+
+    tasks = (Task.ENTAILMENT,)
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def finetuned_weights() -> Path:
     return ensure_finetuned() / WEIGHTS_FILE
 
 
-def load_tiny_albef_ve(spec: str, weights: str | None = None) -> AlbefVLP:
+def load_tiny_albef_ve(spec: str, weights: str | None = None) -> TinyAlbefVeVLP:
     """``tiny-albef-ve`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
     path = Path(weights) if weights is not None else finetuned_weights()
     text_dir = path.parent
@@ -136,7 +143,8 @@ def load_tiny_albef_ve(spec: str, weights: str | None = None) -> AlbefVLP:
 
         text_dir = cache_dir() / "tiny-albef-ve-text"  # deterministic files: written, never trained
         write_text_files(text_dir, TinyAlbefConfig())
-    return load_albef(text_dir, path, spec)
+    net = build_albef(inference_state(read_state_dict(path)), read_bert_config(text_dir), str(path))
+    return TinyAlbefVeVLP(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
 
 
 def main() -> None:
