@@ -33,6 +33,7 @@ from trainables.tasks import Task, task_info, task_of_metrics
 GROUP_TAGS = (MODEL_TAG, DEFENSE_TAG, EPS_TAG)
 RECALL_TABLE_KEYS = task_info(Task.RETRIEVAL).table_keys
 CAPTION_TABLE_KEYS = task_info(Task.CAPTIONING).table_keys
+ENTAILMENT_TABLE_KEYS = task_info(Task.ENTAILMENT).table_keys
 # What a captioner sweep optimises (search_spaces/paper-blip-captioning.yaml): the captioning task's rank key.
 CAPTION_RANK = metric_name(CLEAN, None, task_info(Task.CAPTIONING).rank_key)
 
@@ -43,6 +44,7 @@ def _attack_metric(keys: tuple[str, ...]) -> re.Pattern:
 
 ATTACK_METRIC = _attack_metric(RECALL_TABLE_KEYS)
 ATTACK_CAPTION_METRIC = _attack_metric(CAPTION_TABLE_KEYS)
+ATTACK_ENTAILMENT_METRIC = _attack_metric(ENTAILMENT_TABLE_KEYS)
 
 
 def _table_columns(metric_names: set[str], keys: tuple[str, ...], pattern: re.Pattern) -> list[str]:
@@ -63,6 +65,11 @@ def recall_columns(metric_names: set[str]) -> list[str]:
 def caption_columns(metric_names: set[str]) -> list[str]:
     """``clean/bleu4, clean/meteor, clean/rouge_l, clean/cider, clean/spice`` (those recorded), then each attack × eps of them."""
     return _table_columns(metric_names, CAPTION_TABLE_KEYS, ATTACK_CAPTION_METRIC)
+
+
+def entailment_columns(metric_names: set[str]) -> list[str]:
+    """``clean/acc`` then each attack × eps accuracy (visual entailment), those recorded."""
+    return _table_columns(metric_names, ENTAILMENT_TABLE_KEYS, ATTACK_ENTAILMENT_METRIC)
 
 
 def is_caption_metric(name: str) -> bool:
@@ -120,7 +127,7 @@ def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | N
         raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
     metric_names = {name for run in runs for name in run.data.metrics}
     recall = recall_columns(metric_names)
-    columns = recall + caption_columns(metric_names)
+    columns = recall + caption_columns(metric_names) + entailment_columns(metric_names)
     robust = [c for c in recall if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
     recall_default = robust[-1] if robust else f"{CLEAN}/tr1"
     groups: dict[tuple, list] = {}

@@ -184,3 +184,11 @@ def test_entailment_is_a_task_with_accuracy_objectives():
                                                           "co-attack/eps2/acc", "co-attack/eps4/acc"]
     assert task_of_metrics({"clean/acc", "pgd/eps2/acc"}) is Task.ENTAILMENT
     assert task_of_metrics({"clean/tr1"}) is Task.RETRIEVAL
+
+
+def test_the_comparison_table_has_accuracy_columns_for_entailment_runs():
+    from platform.compare import entailment_columns, recall_columns
+
+    names = {"sga/eps2/acc", "pgd/eps4/acc", "clean/acc", "pgd/eps2/acc", "train/loss"}
+    assert entailment_columns(names) == ["clean/acc", "pgd/eps2/acc", "pgd/eps4/acc", "sga/eps2/acc"]
+    assert recall_columns(names) == []
