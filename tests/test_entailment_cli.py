@@ -55,3 +55,15 @@ def test_a_retrieval_checkpoint_is_refused_for_entailment(tmp_path):
     with pytest.raises(UserError, match="no visual-entailment head"):
         main(["--task", "entailment", "--model", f"albef:{text_dir}@{checkpoint}", "--data", "synthetic-ve:test,n=3",
               "--no-progress", "--no-checks"])
+
+
+def test_finetune_scores_an_entailment_run_before_and_after(ve_model, tmp_path, capsys):
+    from platform.finetune import main as finetune
+
+    assert finetune(["--model", ve_model, "--defense", "fare", "--epochs", "1", "--train-data", "synthetic:train,n=4",
+                     "--eval-data", "synthetic-ve:test,n=3", "--set", "task=entailment", "--set", "eval_eps=2/255",
+                     "--set", "batch_size=4", "--set", "pgd_steps=1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["entailment_keys"] == ["acc"] and results["threat"] == "white-box"
+    assert {"clean/acc", "pgd/eps2/acc"} <= set(results["before"]) and {"clean/acc", "pgd/eps2/acc"} <= set(results["after"])
+    assert "model | clean ACC | pgd@2/255 ACC" in capsys.readouterr().out
