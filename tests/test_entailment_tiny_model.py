@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from trainables.models import load_model, model_kind
 from trainables.models.albef import load_albef
 from trainables.models.albef_checkpoint import inference_state
-from trainables.models.tiny_albef_ve import WEIGHTS_FILE, VeRecipe, ensure_finetuned, finetuned_dir
+from trainables.models.tiny_albef_ve import WEIGHTS_FILE, VeRecipe, competence, ensure_finetuned, finetuned_dir
 from trainables.tasks import Task
 
 RECIPE = VeRecipe(train_pairs=12, epochs=3, batch_size=12, lr=3e-3)
@@ -45,6 +45,8 @@ def test_fine_tuning_gives_a_cached_ve_model_in_albefs_layout_whose_loss_falls(b
     loaded = load_model(f"tiny-albef-ve@{directory / WEIGHTS_FILE}")
     assert loaded.heads == {"cls"} and loaded.tasks == (Task.ENTAILMENT,)
     assert model_kind("tiny-albef-ve").tasks == (Task.ENTAILMENT,)
+    rows = competence(loaded, pairs=3, eps=(2 / 255,))
+    assert [(row.attack, row.score.total, row.pairs) for row in rows] == [("clean", 3, "all"), ("pgd", 3, "all")]
     stamp = (directory / WEIGHTS_FILE).stat().st_mtime_ns
     assert ensure_finetuned(base_dir, RECIPE, progress=False) == directory and (directory / WEIGHTS_FILE).stat().st_mtime_ns == stamp
 

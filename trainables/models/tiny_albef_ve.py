@@ -147,11 +147,30 @@ def load_tiny_albef_ve(spec: str, weights: str | None = None) -> TinyAlbefVeVLP:
     return TinyAlbefVeVLP(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
 
 
+def competence(model: AlbefVLP, pairs: int = 300, eps: tuple[float, ...] = (2 / 255, 4 / 255), seed: int = 0) -> list:
+    """Accuracy rows on ``synthetic-ve:test,n=pairs``: clean and under PGD at each eps (white-box, all pairs).
+
+    The text-only bound to beat is 2/3 (docs/entailment.md); chance is 1/3.
+    """
+    from trainables.evaluation.entailment_eval import EntailmentSettings, evaluate_entailment_rows
+
+    dataset = SyntheticEntailment("test", pairs, image_size=model.image_size, seed=seed)
+    return evaluate_entailment_rows(model, dataset, EntailmentSettings(attacks=("pgd",), eps=eps, seed=seed), progress=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m trainables.models.tiny_albef_ve", description=__doc__)
     parser.add_argument("--force", action="store_true", help="fine-tune again even if cached weights exist")
+    parser.add_argument("--base", help="a tiny-albef folder (vocab.txt, config_bert.json, weights.safetensors); default: the cached tiny-albef")
+    parser.add_argument("--evaluate", type=int, metavar="N", help="then print clean and PGD (2/255, 4/255) accuracy on N synthetic-ve test pairs")
     args = parser.parse_args()
-    print(ensure_finetuned(force=args.force))
+    directory = ensure_finetuned(Path(args.base) if args.base else None, force=args.force)
+    print(directory)
+    if args.evaluate:
+        model = load_tiny_albef_ve("tiny-albef-ve", str(directory / WEIGHTS_FILE))
+        for row in competence(model, args.evaluate):
+            print(f"{row.attack:6} {row.to_json()['eps'] or '-':6} acc {row.accuracy:5.1f} ({row.score.correct}/{row.score.total})"
+                  f"  text-only bound 66.7, chance 33.3")
 
 
 if __name__ == "__main__":
