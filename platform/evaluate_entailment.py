@@ -27,7 +27,7 @@ from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.entailment import LABEL_NAMES, EntailmentItem
 from trainables.device import resolve_device
 from trainables.errors import UserError
-from trainables.evaluation.entailment_eval import (TEXT_ATTACKS_VE, EntailmentRow, EntailmentSettings, attach_entailment_warnings,
+from trainables.evaluation.entailment_eval import (ACCURACY, TEXT_ATTACKS_VE, EntailmentRow, EntailmentSettings, attach_entailment_warnings,
                                                    check_entailment_attacks, entailment_honesty_checks, evaluate_entailment_rows)
 from trainables.models import parse_model_spec
 from trainables.names import CLEAN
@@ -35,7 +35,7 @@ from trainables.tasks import Task
 
 def format_table(rows: list[EntailmentRow]) -> str:
     """Rows: clean and each attack × eps; columns accuracy, correct/total, per-class correct/total, threat, pairs, text."""
-    header = ["attack", "eps", "acc", "correct"] + [name[:13] for name in reversed(LABEL_NAMES)] + ["threat", "pairs", "text"]
+    header = ["attack", "eps", ACCURACY, "correct"] + [name[:13] for name in reversed(LABEL_NAMES)] + ["threat", "pairs", "text"]
     body = []
     for row in rows:
         counts = [f"{row.score.per_class[name].correct}/{row.score.per_class[name].total}" for name in reversed(LABEL_NAMES)]

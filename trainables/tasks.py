@@ -19,8 +19,8 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from trainables.evaluation.entailment_eval import evaluate_entailment_epoch
 from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
+from trainables.evaluation.entailment_eval import evaluate_entailment_epoch
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval_rows, metrics_from_rows
 from trainables.evaluation.uncertainty import write_ranks
 from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, ENTAILMENT_KEYS, RECALL_KEYS, metric_name
