@@ -164,6 +164,8 @@ def test_attacks_that_do_not_apply_are_refused_by_name(ve_spec, ve_pairs, tmp_pa
     text_dir, checkpoint = write_tiny_albef(tmp_path, variant="ve")  # the fakes' default: text 24 wide, ViT 32
     with pytest.raises(UserError, match="32-wide image and 24-wide text features: these attacks do not apply"):
         evaluate_entailment_rows(load_model(f"albef:{text_dir}@{checkpoint}"), ve_pairs, EntailmentSettings(attacks=("co-attack",)))
+    with pytest.raises(UserError, match="scores .premise image, hypothesis, label. pairs, and this data has none"):
+        evaluate_entailment_rows(model, load_dataset("synthetic:test,n=2", 32), EntailmentSettings(attacks=()))
     with pytest.raises(UserError, match="pairs='some'"):
         evaluate_entailment_rows(model, ve_pairs, EntailmentSettings(attacks=(), pairs="some"))
 

@@ -25,7 +25,7 @@ def ve_spec(tmp_path_factory) -> str:
     return f"albef:{text_dir}@{checkpoint}"
 
 
-@pytest.mark.parametrize("defense", ["mava", "fare"])
+@pytest.mark.parametrize("defense", ["mava", "tecoa"])
 def test_an_entailment_run_evaluates_accuracy_each_epoch_and_trains_only_the_vit(ve_spec, tmp_path, defense):
     model = load_model(ve_spec)
     head_before = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("vision.")}
