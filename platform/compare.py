@@ -34,6 +34,7 @@ GROUP_TAGS = (MODEL_TAG, DEFENSE_TAG, EPS_TAG)
 RECALL_TABLE_KEYS = task_info(Task.RETRIEVAL).table_keys
 CAPTION_TABLE_KEYS = task_info(Task.CAPTIONING).table_keys
 GROUNDING_TABLE_KEYS = task_info(Task.GROUNDING).table_keys
+ENTAILMENT_TABLE_KEYS = task_info(Task.ENTAILMENT).table_keys
 # What a captioner sweep optimises (search_spaces/paper-blip-captioning.yaml): the captioning task's rank key.
 CAPTION_RANK = metric_name(CLEAN, None, task_info(Task.CAPTIONING).rank_key)
 
@@ -45,6 +46,7 @@ def _attack_metric(keys: tuple[str, ...]) -> re.Pattern:
 ATTACK_METRIC = _attack_metric(RECALL_TABLE_KEYS)
 ATTACK_CAPTION_METRIC = _attack_metric(CAPTION_TABLE_KEYS)
 ATTACK_GROUNDING_METRIC = _attack_metric(GROUNDING_TABLE_KEYS)
+ATTACK_ENTAILMENT_METRIC = _attack_metric(ENTAILMENT_TABLE_KEYS)
 
 
 def _table_columns(metric_names: set[str], keys: tuple[str, ...], pattern: re.Pattern) -> list[str]:
@@ -70,6 +72,9 @@ def caption_columns(metric_names: set[str]) -> list[str]:
 def grounding_columns(metric_names: set[str]) -> list[str]:
     """``clean/acc, clean/acc_val, ...`` (those recorded), then each attack × eps of them (docs/grounding.md)."""
     return _table_columns(metric_names, GROUNDING_TABLE_KEYS, ATTACK_GROUNDING_METRIC)
+def entailment_columns(metric_names: set[str]) -> list[str]:
+    """``clean/acc`` then each attack × eps accuracy (visual entailment), those recorded."""
+    return _table_columns(metric_names, ENTAILMENT_TABLE_KEYS, ATTACK_ENTAILMENT_METRIC)
 
 
 def is_caption_metric(name: str) -> bool:
@@ -127,7 +132,9 @@ def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | N
         raise UserError(f"experiment {experiment_name!r} has no finished trial runs yet: run a sweep first (python -m platform.sweep --space ...)")
     metric_names = {name for run in runs for name in run.data.metrics}
     recall = recall_columns(metric_names)
-    columns = recall + caption_columns(metric_names) + grounding_columns(metric_names)
+    # Entailment and grounding share the key ``acc`` (clean/acc): one column each, in order of first appearance.
+    columns = list(dict.fromkeys(recall + caption_columns(metric_names) + grounding_columns(metric_names)
+                                 + entailment_columns(metric_names)))
     robust = [c for c in recall if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
     recall_default = robust[-1] if robust else f"{CLEAN}/tr1"
     groups: dict[tuple, list] = {}

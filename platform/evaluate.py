@@ -30,6 +30,7 @@ from trainables.attacks.word_candidates import (EMBEDDED_MLM, WORD_CANDIDATE_FOR
 from trainables.data import load_dataset, parse_data_spec
 from trainables.device import resolve_device
 from trainables.errors import UserError
+from trainables.evaluation.entailment_eval import PAIR_SCOPES
 from trainables.evaluation.robustness import (EvalSettings, RetrievalRow, attach_row_warnings, evaluate_retrieval_rows,
                                               honesty_checks)
 from trainables.models import ModelSpec, load_model, model_kind, parse_model_spec
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--word-candidates", type=_word_candidates, default=EMBEDDED_MLM,
                         help=f"word source of the text attacks: {WORD_CANDIDATE_FORMS} (default: {EMBEDDED_MLM}, the embedded "
                              "masked LM, for the synthetic world; see docs/attacks.md)")
+    parser.add_argument("--pairs", choices=PAIR_SCOPES, default=PAIR_SCOPES[0], help="--task entailment: score all pairs "
+                        "(ALBEF's test, the default) or only the entailment pairs (MAVA's VE data)")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
@@ -127,6 +130,7 @@ def chosen_task(args: argparse.Namespace) -> Task:
 # imported when chosen, since those modules use this one's helpers.
 TASK_RUNNERS: dict[Task, str] = {
     Task.GROUNDING: "platform.evaluate_grounding",
+    Task.ENTAILMENT: "platform.evaluate_entailment",
 }
 
 

@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     after = run_training(config, report, out / "checkpoints", progress=True, model=model)
     seconds = time.perf_counter() - started
     attacks = [(CLEAN, None)] + [(attack, eps) for attack in config.eval_attacks for eps in config.eval_eps]
-    task = model.tasks[0]
+    task = config.run_task  # the run's task (an ALBEF/TCL VE checkpoint: --set task=entailment)
     info = task_info(task)
     print(table({"original": before, f"{config.defense.value} fine-tuned": after}, attacks, info.summary_keys))
     results = {"config": config.model_dump(mode="json"), "before": before, "after": after, "train_seconds": seconds}
     # The keys results.json has always had: "recall_keys" for retrieval, "caption_keys" for a captioner.
-    key_field = {Task.RETRIEVAL: "recall_keys", Task.CAPTIONING: "caption_keys"}[task]
+    key_field = {Task.RETRIEVAL: "recall_keys", Task.CAPTIONING: "caption_keys"}.get(task, f"{task.value}_keys")
     results |= {"threat": "white-box" if info.white_box_eval else CLEAN, key_field: list(info.metric_keys)}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     print(f"wrote {out / RESULTS_FILE} ({seconds:.0f} s of fine-tuning)")

@@ -19,6 +19,8 @@ ALWAYS_COMPUTED_CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "
 # expression, and per split where the data has it (RefCOCO+ val/testA/testB; synthetic-vg:test has all three).
 GROUNDING_SPLIT_KEYS = {"val": "acc_val", "testA": "acc_testA", "testB": "acc_testB"}
 GROUNDING_KEYS = ("acc",) + tuple(GROUNDING_SPLIT_KEYS.values())
+# Visual entailment (trainables.evaluation.entailment_eval): accuracy in percent, ALBEF's correct / total.
+ENTAILMENT_KEYS = ("acc",)
 LOSS_KEYS = ("loss", "l_cms", "l_vsse", "l_sca", "l_fare", "l_tecoa")
 # Per-epoch norm of the gradient each weighted loss term alone gives the trainable vision parameters, measured
 # on the epoch's first batch (``train/gradnorm_cms`` = ||grad a*L_CMS||): how the terms of Eq. 6 are balanced.

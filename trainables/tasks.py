@@ -20,15 +20,18 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from trainables.evaluation.captioning import CaptionEvalSettings, evaluate_captioning
+from trainables.evaluation.entailment_eval import evaluate_entailment_epoch
 from trainables.evaluation.grounding_eval import evaluate_grounding_epoch
 from trainables.evaluation.robustness import EvalSettings, evaluate_retrieval_rows, metrics_from_rows
 from trainables.evaluation.uncertainty import write_ranks
-from trainables.names import ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, GROUNDING_KEYS, GROUNDING_SPLIT_KEYS, RECALL_KEYS, metric_name
+from trainables.names import (ALWAYS_COMPUTED_CAPTION_KEYS, CAPTION_KEYS, CLEAN, ENTAILMENT_KEYS, GROUNDING_KEYS, GROUNDING_SPLIT_KEYS,
+                              RECALL_KEYS, metric_name)
 
 
 class Task(str, Enum):
     RETRIEVAL = "retrieval"  # image-text retrieval: recall@k, clean and under white-box attacks
     CAPTIONING = "captioning"  # image captioning: COCO caption metrics of clean captions
+    ENTAILMENT = "entailment"  # visual entailment: 3-way accuracy, clean and under white-box attacks
     GROUNDING = "grounding"  # weakly supervised visual grounding: accuracy (IoU >= 0.5), clean and under attack
 
 
@@ -132,6 +135,12 @@ TASKS: dict[Task, TaskInfo] = {
         threat_model="white-box (attacks computed on the fine-tuned model itself)",
         produces="experiment.eval_attacks (pgd, co-attack) x eval_eps, grounding accuracy",
     ),
+    Task.ENTAILMENT: TaskInfo(
+        evaluate=evaluate_entailment_epoch, metric_keys=ENTAILMENT_KEYS, objective_keys=ENTAILMENT_KEYS,
+        summary_keys=ENTAILMENT_KEYS, table_keys=ENTAILMENT_KEYS, rank_key=ENTAILMENT_KEYS[0], defenses=("mava", "fare", "tecoa"),
+        white_box_eval=True, threat_model="white-box (attacks computed on the fine-tuned entailment model itself), all pairs scored",
+        produces="experiment.eval_attacks x eval_eps (pgd, co-attack, sga) on entailment pairs",
+    ),
 }
 
 
@@ -146,4 +155,6 @@ def task_of_metrics(metric_names: set[str] | list[str]) -> Task:
         return Task.CAPTIONING
     if any(name.rsplit("/", 1)[-1] in GROUNDING_SPLIT_KEYS.values() for name in metric_names):
         return Task.GROUNDING
+    if any(task_info(Task.ENTAILMENT).owns_metric(name) for name in metric_names):
+        return Task.ENTAILMENT
     return Task.RETRIEVAL

@@ -70,7 +70,8 @@ def embedded_mlm_problem(spec: str, data: str, attacks: tuple[str, ...]) -> str 
         kind = parse_data_spec(data).kind
     except UserError:
         return None  # the data spec's own check reports it
-    if kind in ("synthetic", "synthetic-vg"):  # the shapes world's captions and its referring expressions
+    # The shapes world's captions, entailment hypotheses (+ a few hidden-clause words) and referring expressions.
+    if kind in ("synthetic", "synthetic-ve", "synthetic-vg"):
         return None
     return (f"word candidates {EMBEDDED_MLM!r} (the embedded MLM) knows only the synthetic world's words, but the text "
             f"attacks run on {data!r}: give a real masked LM ({MLM_PREFIX}/absolute/folder, e.g. bert-base-uncased) "

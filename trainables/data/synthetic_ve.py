@@ -143,6 +143,10 @@ class SyntheticEntailment(torch.utils.data.Dataset):
             image_id=self.world.item_id(scene),
         )
 
+    def premise_captions(self, index: int) -> tuple[str, ...]:
+        """The five captions of pair ``index``'s premise scene (MAVA's SGA caption sets take the first four)."""
+        return self.world.captions[(index % len(self)) // len(CLASS_CYCLE)]
+
     def ve_records(self) -> list[dict[str, str]]:
         """The pairs in ALBEF's ``ve_*.json`` form (``image`` = the premise's item id)."""
         return [
