@@ -190,3 +190,12 @@ def test_tiny_fusion_kinds_load_a_weights_file_through_load_model(tmp_path, monk
     assert torch.equal(model.itm_head.weight, net.itm_head.weight)
     assert model.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, config.embed_dim)
     assert model.itm_scores(torch.rand(2, 3, 32, 32), ["a red circle", "two blue stars"]).shape == (2, 2)
+
+
+def test_every_embedded_kind_is_pinned_by_a_sweep():
+    # A kind without a name or weights file is pretrained per machine: resolve_model must pin it, or each worker
+    # would load (or pretrain) its own copy.
+    from trainables.models import MODEL_KINDS
+    from trainables.models.embedded import EMBEDDED_WEIGHTS
+
+    assert {"tiny-albef", "tiny-tcl"} <= {kind for kind, spec in MODEL_KINDS.items() if not spec.needs_name} == set(EMBEDDED_WEIGHTS)

@@ -70,8 +70,8 @@ class TinyAlbefConfig:
     train_images: int = 4000
     epochs: int = 6
     batch_size: int = 64
-    # ALBEF fine-tunes at 1e-4; from scratch 3e-4 is the rate at which the fusion layers' ITM
-    # left its 1:2 prior in a pilot (1e-3 with OneCycle kept it at 0.636 = the prior's entropy).
+    # ALBEF pretrains at 1e-4 from DeiT/BERT weights; from scratch, a pilot of ITM alone (random
+    # negatives, 1024 images) left the 1:1 prior within 60 steps at 3e-4 (docs/models-and-data.md).
     lr: float = 3e-4
     warmup: float = 0.1  # fraction of the steps with a rising learning rate (OneCycle, then cosine down)
     weight_decay: float = 0.02
