@@ -4,6 +4,9 @@ A model spec is a string a user writes in YAML or on the command line::
 
     tiny-clip                              embedded default (pretrained and cached on first use)
     tiny-clip@/abs/weights.safetensors     the tiny architecture with these weights
+    tiny-albef                             embedded fusion model: a small ALBEF (pretrained and cached on first use)
+    tiny-tcl                               embedded fusion model: the same architecture pretrained with TCL's objectives
+    tiny-albef@/abs/weights.safetensors    the tiny ALBEF architecture with these weights (likewise tiny-tcl@...)
     open_clip:ViT-B-16@/abs/weights.pt     a named open_clip architecture, weights from a local file
                                            (also OpenAI's TorchScript release file, e.g. ViT-B-16.pt)
     hf-clip:/abs/dir                       transformers CLIPModel saved with save_pretrained
@@ -35,6 +38,7 @@ from trainables.models.tiny_albef_ve import TinyAlbefVeVLP, load_tiny_albef_ve
 from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
 from trainables.models.hf_clip import HfClipVLP, load_hf_clip
 from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
+from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, load_tiny_albef
 from trainables.models.tiny_clip import TinyClipConfig, build_tiny_clip, load_tiny_clip
 from trainables.models.weights import load_strict, read_state_dict
 from trainables.tasks import Task
@@ -146,6 +150,11 @@ def _load_albef(spec: ModelSpec) -> VLPModel:
     return load_albef(Path(spec.name), spec.weights, str(spec), family=spec.kind)
 
 
+def _load_tiny_albef(spec: ModelSpec) -> VLPModel:
+    config = TINY_TCL if spec.kind == "tiny-tcl" else TinyAlbefConfig()
+    return load_tiny_albef(str(spec), spec.weights, config)
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """One kind of model spec.
@@ -172,6 +181,8 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "tiny-clip": ModelKind(False, _load_tiny_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
+    "tiny-albef": ModelKind(False, _load_tiny_albef, AlbefVLP, "albef", (Task.RETRIEVAL,)),
+    "tiny-tcl": ModelKind(False, _load_tiny_albef, TclVLP, "tcl", (Task.RETRIEVAL,)),
     "open_clip": ModelKind(True, _load_open_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP, "blip", (Task.RETRIEVAL,)),

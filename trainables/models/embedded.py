@@ -23,13 +23,17 @@ from typing import Callable
 
 from trainables.errors import UserError
 from trainables.models import DIRECTORY_KINDS, ModelSpec, parse_model_spec
+from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, pretrained_weights
 from trainables.models.tiny_albef_ve import finetuned_weights as finetuned_ve_weights
 from trainables.models.tiny_clip import ensure_pretrained
 from trainables.models.weights import CONTENT_ADDRESSED, WEIGHT_SUFFIXES, content_addressed_name, file_sha256
 
 # Kinds whose spec may omit the weights: how to get the machine's cached weights file (pretraining it if needed).
-EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {"tiny-clip": ensure_pretrained}
-EMBEDDED_WEIGHTS["tiny-albef-ve"] = finetuned_ve_weights  # tiny-albef fine-tuned for entailment (trainables.models.tiny_albef_ve)
+EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {"tiny-clip": ensure_pretrained,
+                                                    "tiny-albef": lambda: pretrained_weights(TinyAlbefConfig()),
+                                                    "tiny-tcl": lambda: pretrained_weights(TINY_TCL),
+                                                    # tiny-albef fine-tuned for entailment (trainables.models.tiny_albef_ve)
+                                                    "tiny-albef-ve": finetuned_ve_weights}
 BASE_WEIGHTS_DIR = "base-weights"  # under a sweep's storage folder: the content-addressed base weights
 
 

@@ -1,24 +1,35 @@
-"""``tiny-albef``: an embedded fusion-encoder model, a small ALBEF pretrained on the synthetic world.
+"""``tiny-albef`` and ``tiny-tcl``: embedded fusion-encoder models, small ALBEFs pretrained on the synthetic world.
 
 Nothing is downloaded. The first use writes a word-level vocabulary of the synthetic
-world (``vocab.txt``) and an ALBEF ``config_bert.json``, pretrains the model with
-ALBEF's objectives (ITC; ITM with hard negatives sampled from the ITC similarities;
-MLM; no momentum distillation or queues) with a progress bar, and caches everything
-in ``$MAVA_CACHE_DIR/tiny-albef-<hash of the config>/`` (default ``~/.cache/mava-platform``).
+world (``vocab.txt``) and an ALBEF ``config_bert.json``, pretrains the model with a
+progress bar, and caches everything in ``$MAVA_CACHE_DIR/tiny-<family>-<hash of the
+config>/`` (default ``~/.cache/mava-platform``). One loop, two objective sets:
+
+* ``albef`` (``tiny-albef``): ALBEF's ITC; ITM with hard negatives sampled from the ITC
+  similarities; MLM (no momentum distillation or queues);
+* ``tcl`` (``tiny-tcl``, another seed): ALBEF's terms plus TCL's intra-modal contrast
+  (image-image, text-text) and local mutual information (global feature vs. pooled
+  patches / text tokens), against an EMA copy of the encoders that sees a second view.
+
+In both, a batch item whose scene has the same captioned attributes as the anchor is
+never used as a negative (it is a positive with the label 0): the synthetic world has
+only 3600 attribute combinations, so such pairs occur in batches.
+
 Weights are stored in ALBEF's own key layout, so the folder also loads as
 ``albef:DIR@DIR/weights.safetensors``. Regenerate with
-``python -m trainables.models.tiny_albef --force``.
+``python -m trainables.models.tiny_albef --force`` (``--objectives tcl`` for tiny-tcl).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +46,11 @@ from trainables.models.tiny_clip import cache_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WEIGHTS_FILE = "weights.safetensors"
+CAPTIONS = 5  # captions per synthetic image
+TCL_BRIGHTNESS = 0.1  # tcl second view: brightness factor in [0.9, 1.1] (colour-preserving)
+
+
+OBJECTIVES = ("albef", "tcl")  # objective sets of the one pretraining loop; also the family of the result
 
 
 @dataclass(frozen=True)
@@ -51,16 +67,24 @@ class TinyAlbefConfig:
     heads: int = 2
     max_tokens: int = 32
     embed_dim: int = 64
-    train_images: int = 5000
-    epochs: int = 8
+    train_images: int = 4000
+    epochs: int = 6
     batch_size: int = 64
-    lr: float = 1e-3
+    # ALBEF pretrains at 1e-4 from DeiT/BERT weights; from scratch, a pilot of ITM alone (random
+    # negatives, 1024 images) left the 1:1 prior within 60 steps at 3e-4 (docs/models-and-data.md).
+    lr: float = 3e-4
+    warmup: float = 0.1  # fraction of the steps with a rising learning rate (OneCycle, then cosine down)
     weight_decay: float = 0.02
     mlm_probability: float = 0.15
+    objectives: str = "albef"  # "albef" or "tcl" (OBJECTIVES)
+    momentum: float = 0.99  # tcl: EMA of the encoders that embed the second view (TCL: 0.995 over far more steps)
     seed: int = 0
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+TINY_TCL = TinyAlbefConfig(objectives="tcl", seed=1)  # tiny-tcl: the same architecture, TCL's objectives, another seed
 
 
 def world_vocabulary() -> list[str]:
@@ -86,7 +110,10 @@ def vit_config(config: TinyAlbefConfig) -> VitConfig:
 
 
 def model_dir(config: TinyAlbefConfig = TinyAlbefConfig()) -> Path:
-    return cache_dir() / f"tiny-albef-{config.cache_key()}"
+    """``<cache>/tiny-<objectives>-<config hash>``: tiny-albef and tiny-tcl each in their own folder."""
+    if config.objectives not in OBJECTIVES:
+        raise ValueError(f"unknown objectives {config.objectives!r}: use one of {', '.join(OBJECTIVES)}")
+    return cache_dir() / f"tiny-{config.objectives}-{config.cache_key()}"
 
 
 def write_text_files(directory: Path, config: TinyAlbefConfig) -> None:
@@ -127,27 +154,56 @@ def _mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenize
     return masked, labels
 
 
+def scene_ids(world) -> torch.Tensor:
+    """(N,) one integer per image naming its captioned attributes: equal ids = the same captions."""
+    keys = [(s.shape, s.colour, s.size, s.count, s.position, s.background) for s in world.scenes]
+    index = {key: i for i, key in enumerate(sorted(set(keys)))}
+    return torch.tensor([index[key] for key in keys])
+
+
+def _contrast(query: torch.Tensor, keys: torch.Tensor, temp: torch.Tensor, same_scene: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of row i against key i, other keys of the same scene left out of the negatives."""
+    logits = (query @ keys.T / temp).masked_fill(same_scene & ~torch.eye(len(query), dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(query)))
+
+
+def _hard_negatives(sim: torch.Tensor, same_scene: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B,) one negative per row drawn with probability softmax(sim) (+ ALBEF's 1e-4), never of the row's scene.
+
+    A row whose every other item shares its scene (only in tiny hand batches) falls back to any other item.
+    """
+    weights = (F.softmax(sim.float(), dim=1) + 1e-4).masked_fill(same_scene, 0.0)
+    fallback = weights.sum(dim=1) == 0
+    weights[fallback] = (~torch.eye(len(sim), dtype=torch.bool))[fallback].float()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
 def albef_losses(net: AlbefNet, mlm: MlmHead, pixels: torch.Tensor, tokens: dict[str, torch.Tensor],
-                 masked: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """ALBEF's pretraining terms on one batch (``models/model_pretrain.py`` without momentum distillation)."""
+                 masked: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 same_scene: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """ALBEF's pretraining terms on one batch (``models/model_pretrain.py`` without momentum distillation).
+
+    Args:
+        same_scene: (B, B) bool, items with the same captioned attributes (default: only the
+            diagonal); they are neither ITC negatives nor ITM hard negatives of each other.
+
+    The returned ``features`` (not a loss) are the normalised ITC features, for TCL's terms.
+    """
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    if same_scene is None:
+        same_scene = torch.eye(len(ids), dtype=torch.bool)
     image_embeds = net.visual_encoder.tokens(pixels)
     image_feat = F.normalize(net.vision_proj(image_embeds[:, 0]), dim=-1)
     text_embeds = net.text_encoder.text(ids, mask)
     text_feat = F.normalize(net.text_proj(text_embeds[:, 0]), dim=-1)
-    sim_i2t = image_feat @ text_feat.T / net.temp
-    targets = torch.arange(len(ids))
-    loss_itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
+    loss_itc = (_contrast(image_feat, text_feat, net.temp, same_scene) + _contrast(text_feat, image_feat, net.temp, same_scene)) / 2
 
     # ITM with hard negatives: one negative text per image and one negative image per text,
-    # drawn with probability softmax(sim) over the other items of the batch (ALBEF's + 1e-4).
+    # drawn with probability softmax(sim) over the other items of the batch.
     with torch.no_grad():
-        weights_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
-        weights_t2i = F.softmax(sim_i2t.T.float(), dim=1) + 1e-4
-        weights_i2t.fill_diagonal_(0)
-        weights_t2i.fill_diagonal_(0)
-        negative_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-        negative_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+        sim_i2t = image_feat @ text_feat.T / net.temp
+        negative_text = _hard_negatives(sim_i2t, same_scene, generator)
+        negative_image = _hard_negatives(sim_i2t.T, same_scene, generator)
     fusion_images = torch.cat([image_embeds, image_embeds, image_embeds[negative_image]])
     fusion_texts = torch.cat([text_embeds, text_embeds[negative_text], text_embeds])
     fusion_masks = torch.cat([mask, mask[negative_text], mask])
@@ -157,48 +213,136 @@ def albef_losses(net: AlbefNet, mlm: MlmHead, pixels: torch.Tensor, tokens: dict
 
     masked_hidden = net.text_encoder.fusion(net.text_encoder.text(masked, mask), mask, image_embeds)
     loss_mlm = F.cross_entropy(mlm(masked_hidden).flatten(0, 1), labels.flatten(), ignore_index=-100)
-    return {"loss": loss_itc + loss_itm + loss_mlm, "itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}
+    return {"loss": loss_itc + loss_itm + loss_mlm, "itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm,
+            "features": (image_feat, text_feat)}
+
+
+def pool_patches(patches: torch.Tensor, pooled_grid: int = 4) -> torch.Tensor:
+    """(B, g*g, D) patch features averaged to (B, pooled_grid**2, D) (TCL's ``patch_pooling``: 16 local features)."""
+    batch, count, width = patches.shape
+    grid = int(round(count ** 0.5))
+    square = patches.transpose(1, 2).reshape(batch, width, grid, grid)
+    return F.adaptive_avg_pool2d(square, pooled_grid).flatten(2).transpose(1, 2)
+
+
+def global_local_loss(local: torch.Tensor, global_: torch.Tensor, temp: torch.Tensor,
+                      local_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TCL's local mutual information (``in_batch_g2l_loss``): each local feature of item n picks item n's global feature.
+
+    For every valid local l of item n: positive ``<l, g_n>``, negatives ``<l', g_n>`` for every
+    valid local l' of every other item; -log softmax of the positive, averaged over item n's
+    valid locals, then over items. ``local`` (N, L, D), ``global_`` (N, D), both normalised;
+    ``local_mask`` (N, L), 1 = a real token (text), None = all valid (image patches).
+    """
+    count, locals_, _ = local.shape
+    valid = torch.ones(count, locals_, dtype=torch.bool) if local_mask is None else local_mask.bool()
+    positive = torch.einsum("nld,nd->nl", local, global_) / temp  # (N, L)
+    scores = torch.einsum("md,nld->mnl", global_, local) / temp  # (N global, N items, L): g_m against item n's locals
+    own = torch.eye(count, dtype=torch.bool)[:, :, None]
+    negatives = scores.masked_fill(own | ~valid[None], float("-inf")).reshape(count, 1, count * locals_)
+    logits = torch.cat([positive[:, :, None], negatives.expand(-1, locals_, -1)], dim=2)
+    nll = -F.log_softmax(logits, dim=2)[:, :, 0]  # (N, L)
+    return ((nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)).mean()
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * source`` (ALBEF/TCL's ``_momentum_update``)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def tcl_losses(net: AlbefNet, ema: AlbefNet, image_feat: torch.Tensor, text_feat: torch.Tensor, pixels_view: torch.Tensor,
+               tokens_view: dict[str, torch.Tensor], same_scene: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TCL's intra-modal and local-MI terms (``uta-smile/TCL:models/model_pretrain.py``), without queues.
+
+    The targets come from ``ema`` (the momentum encoders, no gradient) on a second view:
+    ``pixels_view`` (another shift and brightness) and ``tokens_view`` (another phrasing of
+    the same scene, our text augmentation: TCL re-encodes the same text with the momentum
+    encoder, whose dropout differs; this BERT has no dropout). Returns ``i2i``, ``t2t`` (InfoNCE
+    of the online feature against the batch's momentum features, same-scene items left out),
+    ``g2l_image`` (online global image feature vs. the momentum view's 16 pooled patches) and
+    ``g2l_text`` (online text feature vs. the momentum view's token features, [CLS] excluded).
+    """
+    with torch.no_grad():
+        image_embeds_m = ema.visual_encoder.tokens(pixels_view)
+        image_feat_m = F.normalize(ema.vision_proj(image_embeds_m[:, 0]), dim=-1)
+        image_local_m = pool_patches(F.normalize(ema.vision_proj(image_embeds_m[:, 1:]), dim=-1))
+        text_embeds_m = ema.text_encoder.text(tokens_view["input_ids"], tokens_view["attention_mask"])
+        text_feat_m = F.normalize(ema.text_proj(text_embeds_m[:, 0]), dim=-1)
+        text_local_m = F.normalize(ema.text_proj(text_embeds_m[:, 1:]), dim=-1)
+    return {"i2i": _contrast(image_feat, image_feat_m, net.temp, same_scene),
+            "t2t": _contrast(text_feat, text_feat_m, net.temp, same_scene),
+            "g2l_image": global_local_loss(image_local_m, image_feat, net.temp),
+            "g2l_text": global_local_loss(text_local_m, text_feat, net.temp, tokens_view["attention_mask"][:, 1:])}
+
+
+def _view(images: torch.Tensor, generator: torch.Generator, brightness: float) -> torch.Tensor:
+    """A random 1-pixel shift (as tiny-clip's pretraining) and a brightness factor in [1 - b, 1 + b].
+
+    The factor scales every channel alike, so hues (which the captions name) are kept.
+    """
+    shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+    view = torch.roll(images, shifts=shift, dims=(2, 3))
+    if brightness:
+        factor = 1.0 + brightness * (2 * torch.rand(len(images), 1, 1, 1, generator=generator) - 1)
+        view = (view * factor).clamp(0.0, 1.0)
+    return view
 
 
 def pretrain(config: TinyAlbefConfig, directory: Path, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Pretrain the tiny ALBEF on the synthetic train split; returns its state dict in ALBEF's key layout."""
+    """Pretrain the tiny ALBEF on the synthetic train split with ``config.objectives``; its state dict in ALBEF's layout."""
     from trainables.data.synthetic import SyntheticWorld  # local: only needed when pretraining
 
+    tcl = config.objectives == "tcl"
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     world = SyntheticWorld("train", config.train_images, image_size=config.image_size, seed=config.seed)
     images = world.images.float().div_(255.0)
+    scenes = scene_ids(world)
     tokenizer = AlbefTokenizer(load_bert_tokenizer(directory), max_tokens=config.max_tokens)
     vocab_size = len(tokenizer.tokenizer.get_vocab())
     net = AlbefNet(vit_config(config), bert_config(config, vocab_size), frozenset({"itm"}), config.embed_dim)
     mlm = MlmHead(config.text_width, vocab_size)
+    ema = copy.deepcopy(net).requires_grad_(False) if tcl else None
     parameters = list(net.parameters()) + list(mlm.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(world) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup)
     mean, std = torch.tensor(ALBEF_MEAN).view(1, 3, 1, 1), torch.tensor(ALBEF_STD).view(1, 3, 1, 1)
     net.train()
-    bar = tqdm(total=total_steps, desc="pretraining tiny-albef (first use only)", disable=not progress, unit="step")
+    bar = tqdm(total=total_steps, desc=f"pretraining tiny-{config.objectives} (first use only)", disable=not progress, unit="step")
     for _ in range(config.epochs):
         order = torch.randperm(len(world), generator=generator)
         for step in range(steps_per_epoch):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            same_scene = scenes[index][:, None] == scenes[index][None, :]
             # One random caption of each image per step: all 5 phrasings get seen over the epochs.
-            which = torch.randint(0, 5, (len(index),), generator=generator).tolist()
-            tokens = tokenizer([world.captions[i][w] for i, w in zip(index.tolist(), which)])
+            which = torch.randint(0, CAPTIONS, (len(index),), generator=generator)
+            tokens = tokenizer([world.captions[i][w] for i, w in zip(index.tolist(), which.tolist())])
             masked, labels = _mask_tokens(tokens["input_ids"], tokens["attention_mask"], tokenizer, config.mlm_probability,
                                           vocab_size, generator)
-            # A random 1-pixel shift, as tiny-clip's pretraining, so the encoder is not brittle to tiny changes.
-            shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            pixels = (torch.roll(images[index], shifts=shift, dims=(2, 3)) - mean) / std
-            terms = albef_losses(net, mlm, pixels, tokens, masked, labels, generator)
+            pixels = (_view(images[index], generator, 0.0) - mean) / std
+            terms = albef_losses(net, mlm, pixels, tokens, masked, labels, generator, same_scene)
+            image_feat, text_feat = terms.pop("features")
+            if tcl:
+                # The second view: another shift and brightness; another phrasing of the same scene.
+                other = (which + torch.randint(1, CAPTIONS, (len(index),), generator=generator)) % CAPTIONS
+                tokens_view = tokenizer([world.captions[i][w] for i, w in zip(index.tolist(), other.tolist())])
+                pixels_view = (_view(images[index], generator, TCL_BRIGHTNESS) - mean) / std
+                terms.update(tcl_losses(net, ema, image_feat, text_feat, pixels_view, tokens_view, same_scene))
+                # TCL's loss_ita: the mean of its 6 contrastive terms (i2t, t2i as ALBEF's ITC counts twice).
+                ita = (2 * terms["itc"] + terms["i2i"] + terms["t2t"] + terms["g2l_image"] + terms["g2l_text"]) / 6
+                terms["loss"] = ita + terms["itm"] + terms["mlm"]
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
                 net.temp.clamp_(0.001, 0.5)  # ALBEF's clamp
+            if ema is not None:
+                ema_update(ema, net, config.momentum)
             bar.update(1)
             bar.set_postfix({key: f"{value.item():.3f}" for key, value in terms.items()})
     bar.close()
@@ -221,15 +365,23 @@ def ensure_pretrained(config: TinyAlbefConfig = TinyAlbefConfig(), force: bool =
     return directory
 
 
+def pretrained_weights(config: TinyAlbefConfig = TinyAlbefConfig()) -> Path:
+    """The cached weights file (pretrained first if missing): what a sweep pins and copies (``embedded.resolve_model``)."""
+    return ensure_pretrained(config) / WEIGHTS_FILE
+
+
 def load_tiny_albef(spec: str, weights: str | None = None, config: TinyAlbefConfig = TinyAlbefConfig()) -> AlbefVLP:
-    """``tiny-albef`` (pretrained and cached on first use), or its architecture with ``weights``."""
+    """``tiny-albef``/``tiny-tcl`` (pretrained and cached on first use), or its architecture with ``weights``.
+
+    The family (``AlbefVLP`` or ``TclVLP``) is ``config.objectives``.
+    """
     if weights is None:
         directory = ensure_pretrained(config)
         weights = str(directory / WEIGHTS_FILE)
     else:
         directory = model_dir(config)
         write_text_files(directory, config)
-    return load_albef(directory, weights, spec)
+    return load_albef(directory, weights, spec, family=config.objectives)
 
 
 @torch.no_grad()
@@ -237,10 +389,10 @@ def clean_recall(model: AlbefVLP, num_images: int = 500, k_test: int = 16) -> di
     """Clean TR/IR@K on ``synthetic:test,n=num_images``: ITC only, and the ITC top-``k_test`` re-scored.
 
     ``itm`` is ALBEF's rule (the raw ITM logit alone, ``Retrieval.py:evaluation``), ``itc+itm``
-    BLIP's sum; candidates outside the top-``k_test`` score ``OUTSIDE_TOP_K`` as in ``rerank``.
+    BLIP's sum; both through the platform's ``rerank_similarity``.
     """
     from trainables.data.synthetic import SyntheticWorld
-    from trainables.evaluation.rerank import OUTSIDE_TOP_K, RerankedScores, itc_similarity, recall_from_scores
+    from trainables.evaluation.rerank import RerankedScores, itc_similarity, recall_from_scores, rerank_similarity
 
     world = SyntheticWorld("test", num_images, image_size=model.image_size, seed=0)
     images = world.images.float().div(255.0)
@@ -249,34 +401,27 @@ def clean_recall(model: AlbefVLP, num_images: int = 500, k_test: int = 16) -> di
     image_features = torch.cat([model.encode_image(images[i:i + 100]) for i in range(0, num_images, 100)])
     text_features = torch.cat([model.encode_text(captions[i:i + 500]) for i in range(0, len(captions), 500)])
     similarity = itc_similarity(image_features, text_features)
-    tokens = torch.cat([model.image_tokens(images[i:i + 100]) for i in range(0, num_images, 100)])
-    i2t = torch.full_like(similarity, OUTSIDE_TOP_K)
-    for image in range(num_images):
-        top = similarity[image].topk(min(k_test, len(captions))).indices
-        i2t[image, top] = model.itm_pair_logits(tokens[image:image + 1].expand(len(top), -1, -1), [captions[t] for t in top.tolist()])
-    t2i = torch.full_like(similarity, OUTSIDE_TOP_K)
-    for text in range(len(captions)):
-        top = similarity[:, text].topk(min(k_test, num_images)).indices
-        t2i[top, text] = model.itm_pair_logits(tokens[top], [captions[text]] * len(top))
-    summed = [torch.where(m > OUTSIDE_TOP_K, m + similarity, m) for m in (i2t, t2i)]
     return {"itc": recall_from_scores(RerankedScores(similarity, similarity), text_to_image),
-            "itm": recall_from_scores(RerankedScores(i2t, t2i), text_to_image),
-            "itc+itm": recall_from_scores(RerankedScores(*summed), text_to_image)}
+            **{rule: recall_from_scores(rerank_similarity(model, images, captions, similarity, k_test, rule=rule), text_to_image)
+               for rule in ("itm", "itc+itm")}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="pretrain again even if cached weights exist")
-    parser.add_argument("--train-images", type=int, default=TinyAlbefConfig.train_images, help="recipe change (another cache key)")
-    parser.add_argument("--epochs", type=int, default=TinyAlbefConfig.epochs, help="recipe change (another cache key)")
+    parser.add_argument("--objectives", choices=OBJECTIVES, default="albef", help="albef: tiny-albef; tcl: tiny-tcl (its own seed)")
+    parser.add_argument("--train-images", type=int, help="recipe change (another cache key)")
+    parser.add_argument("--epochs", type=int, help="recipe change (another cache key)")
     parser.add_argument("--evaluate", type=int, default=0, metavar="N", help="then print clean recall on N synthetic test images")
     args = parser.parse_args()
-    config = TinyAlbefConfig(train_images=args.train_images, epochs=args.epochs)
+    config = TINY_TCL if args.objectives == "tcl" else TinyAlbefConfig()
+    changes = {key: value for key, value in (("train_images", args.train_images), ("epochs", args.epochs)) if value is not None}
+    config = replace(config, **changes)
     started = time.perf_counter()
     directory = ensure_pretrained(config, force=args.force)
-    print(f"tiny-albef: {directory} ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"tiny-{config.objectives}: {directory} ({time.perf_counter() - started:.0f} s)", flush=True)
     if args.evaluate:
-        model = load_albef(directory, directory / WEIGHTS_FILE, f"tiny-albef@{directory / WEIGHTS_FILE}")
+        model = load_tiny_albef(f"tiny-{config.objectives}", str(directory / WEIGHTS_FILE), config)
         for rule, metrics in clean_recall(model, args.evaluate).items():
             print(rule, {key: round(value, 1) for key, value in metrics.items()})
 
