@@ -181,8 +181,8 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "tiny-clip": ModelKind(False, _load_tiny_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
-    "tiny-albef": ModelKind(False, _load_tiny_albef, AlbefVLP, "albef", (Task.RETRIEVAL,)),
-    "tiny-tcl": ModelKind(False, _load_tiny_albef, TclVLP, "tcl", (Task.RETRIEVAL,)),
+    "tiny-albef": ModelKind(False, _load_tiny_albef, AlbefVLP, "albef", (Task.RETRIEVAL, Task.GROUNDING)),  # ITC + ITM heads: retrieval, and grounding by GradCAM of ITM
+    "tiny-tcl": ModelKind(False, _load_tiny_albef, TclVLP, "tcl", (Task.RETRIEVAL, Task.GROUNDING)),  # ITC + ITM heads: retrieval, and grounding by GradCAM of ITM
     "open_clip": ModelKind(True, _load_open_clip, OpenClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-clip": ModelKind(True, _load_hf_clip, HfClipVLP, "clip", (Task.RETRIEVAL,)),
     "hf-blip-itr": ModelKind(True, _load_hf_blip_retrieval, BlipRetrievalVLP, "blip", (Task.RETRIEVAL,)),
