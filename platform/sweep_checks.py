@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from trainables.config import TrainConfig, parse_eps
 from trainables.errors import UserError
-from trainables.models import model_kind
 from trainables.tasks import task_info
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.entailment import CONTRADICTION, ENTAILMENT, NEUTRAL, EntailmentItem, collate_entailment, only_entailment
-from trainables.data.synthetic import BACKGROUNDS, COLOURS, POSITION_WORDS, SHAPES, SIZE_WORDS, SyntheticWorld
+from trainables.data.synthetic import COLOURS, POSITION_WORDS, SHAPES, SIZE_WORDS, SyntheticWorld
 from trainables.data.synthetic_ve import HIDDEN_CLAUSES
 from trainables.errors import UserError
 from trainables.evaluation.entailment import entailment_accuracy
