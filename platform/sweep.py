@@ -31,6 +31,7 @@ from platform.specs import pin_specs
 from platform.sweep_spec import SweepSpec, load_sweep_spec
 from platform.tracking import MlflowTrialTracker, get_or_create_experiment, get_or_create_parent_run
 from platform.tracking_recovery import tracking_server_outage
+from trainables.models.embedded import EMBEDDED_WEIGHTS
 from trainables.models.tiny_clip import cached_weights_path
 from trainables.names import BASE_WEIGHTS_SHA256, DEFENSE_TAG, MODEL_TAG
 
@@ -96,6 +97,10 @@ def check_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: 
     if spec.experiment.model == "tiny-clip" and not cached_weights_path().is_file():
         # Pretraining is compute (minutes), not a check: say that the run will do it.
         model_note = f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
+    elif spec.experiment.model in EMBEDDED_WEIGHTS and spec.experiment.model != "tiny-clip":
+        # The other embedded models (tiny-albef, tiny-tcl, tiny-albef-ve) are built by the platform, no user file to
+        # check; loading one may mean pretraining it, which is the run's compute, not a check's.
+        model_note = f"{spec.experiment.model}, embedded: the run uses its cached weights, pretraining them first if this machine has none"
     else:
         check_model_loads(spec.experiment.model)
         model_note = f"{spec.experiment.model} (loaded once: its weights are readable and match the architecture)"
