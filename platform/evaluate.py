@@ -20,6 +20,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -114,6 +115,16 @@ def format_table(rows: list[RetrievalRow]) -> str:
     return "\n".join([render(header), rule] + [render(line) for line in body])
 
 
+def labelled_rows(rows: list, check_warnings: list[str], surrogate_checkpoint: str | None, attach: Callable[[list], list]) -> list:
+    """Every task's rows as printed and written: the surrogate's weights in each transfer row's threat (so threat
+    models never mix), the task's row warnings (``attach``), and the honesty checks' warnings on every attacked row."""
+    if surrogate_checkpoint:
+        rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{surrogate_checkpoint}")
+                for row in rows]
+    return [row if row.attack == CLEAN else dataclasses.replace(row, warnings=tuple(check_warnings) + row.warnings)
+            for row in attach(rows)]
+
+
 def chosen_task(args: argparse.Namespace) -> Task:
     """``--task``, checked against what the model's kind does; default its main task. Loads nothing."""
     kind = model_kind(args.model)
@@ -178,11 +189,7 @@ def evaluate_retrieval(args: argparse.Namespace) -> int:
 
     warnings = [] if args.no_checks else honesty_checks(model, dataset, settings, surrogate=surrogate)
     rows = evaluate_retrieval_rows(model, dataset, settings, surrogate=surrogate, progress=not args.no_progress)
-    if args.surrogate_checkpoint:  # the label names the surrogate's weights too, so threat models never mix
-        rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{args.surrogate_checkpoint}")
-                for row in rows]
-    rows = attach_row_warnings(rows)
-    rows = [row if row.attack == CLEAN else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
+    rows = labelled_rows(rows, warnings, args.surrogate_checkpoint, attach_row_warnings)
 
     print(format_table(rows))
     for warning in dict.fromkeys(w for row in rows for w in row.warnings):

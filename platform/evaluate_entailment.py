@@ -16,12 +16,11 @@ pairs, as ALBEF's test does. ``--max-images`` caps the number of pairs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from platform.cli import output_file
-from platform.evaluate import load_evaluated_model, vision_weights_path
+from platform.evaluate import labelled_rows, load_evaluated_model, vision_weights_path
 from trainables.attacks.word_candidates import embedded_mlm_problem, mlm_folder
 from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.entailment import LABEL_NAMES, EntailmentItem
@@ -30,7 +29,6 @@ from trainables.errors import UserError
 from trainables.evaluation.entailment_eval import (ACCURACY, TEXT_ATTACKS_VE, EntailmentRow, EntailmentSettings, attach_entailment_warnings,
                                                    check_entailment_attacks, entailment_honesty_checks, evaluate_entailment_rows)
 from trainables.models import parse_model_spec
-from trainables.names import CLEAN
 from trainables.tasks import Task
 
 def format_table(rows: list[EntailmentRow]) -> str:
@@ -91,11 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     warnings = [] if args.no_checks else entailment_honesty_checks(model, dataset, settings, surrogate=surrogate)
     rows = evaluate_entailment_rows(model, dataset, settings, surrogate=surrogate, progress=not args.no_progress)
-    if args.surrogate_checkpoint:  # the label names the surrogate's weights too, so threat models never mix
-        rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{args.surrogate_checkpoint}")
-                for row in rows]
-    rows = attach_entailment_warnings(rows)
-    rows = [row if row.attack == CLEAN else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
+    rows = labelled_rows(rows, warnings, args.surrogate_checkpoint, attach_entailment_warnings)
 
     print(format_table(rows))
     for warning in dict.fromkeys(w for row in rows for w in row.warnings):

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 
-from platform.evaluate import load_evaluated_model, vision_weights_path
+from platform.evaluate import labelled_rows, load_evaluated_model, vision_weights_path
 from platform.cli import output_file
 from trainables.attacks.word_candidates import embedded_mlm_problem
 from trainables.data import load_dataset, parse_data_spec
@@ -30,7 +30,7 @@ from trainables.errors import UserError
 from trainables.evaluation.grounding_eval import (GROUNDING_ATTACKS, GroundingRow, GroundingSettings, attach_grounding_warnings,
                                                   evaluate_grounding_rows, grounding_baselines, grounding_honesty_checks)
 from trainables.models import parse_model_spec
-from trainables.names import CLEAN, GROUNDING_KEYS
+from trainables.names import GROUNDING_KEYS
 from trainables.tasks import Task
 
 COLUMNS = {"acc": "acc", "acc_val": "val", "acc_testA": "testA", "acc_testB": "testB"}
@@ -87,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     warnings = [] if args.no_checks else grounding_honesty_checks(model, dataset, settings, surrogate=surrogate)
     rows = evaluate_grounding_rows(model, dataset, settings, surrogate=surrogate, progress=not args.no_progress)
-    if args.surrogate_checkpoint:  # the label names the surrogate's weights too, so threat models never mix
-        rows = [row if row.threat == "none" else dataclasses.replace(row, threat=f"{row.threat}+{args.surrogate_checkpoint}")
-                for row in rows]
-    rows = attach_grounding_warnings(rows)
-    rows = [row if row.attack == CLEAN else dataclasses.replace(row, warnings=tuple(warnings) + row.warnings) for row in rows]
+    rows = labelled_rows(rows, warnings, args.surrogate_checkpoint, attach_grounding_warnings)
 
     print(format_grounding_table(rows))
     print(f"baselines: chance {baselines.chance:.1f} (a random proposal; {baselines.mean_proposals:.1f} proposals per "

@@ -38,6 +38,7 @@ from trainables.attacks.sga import sga_attack
 from trainables.data.entailment import EntailmentBatch, EntailmentItem, collate_entailment, only_entailment
 from trainables.errors import UserError
 from trainables.evaluation.entailment import EntailmentScore, entailment_accuracy
+from trainables.evaluation.robustness import precision_warnings
 from trainables.names import CLEAN, ENTAILMENT_KEYS, eps_fraction, metric_name
 from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, derive_seed
 
@@ -293,12 +294,7 @@ def entailment_honesty_checks(model, dataset, settings: EntailmentSettings, surr
     device = model.pixel_mean.device
     images, labels = batch.images.to(device), batch.labels.to(device)
     attacker = surrogate if surrogate is not None else model
-    for role, checked in (("evaluated model", model), ("surrogate", surrogate)):
-        if checked is None:
-            continue
-        dtypes = sorted({str(p.dtype) for p in checked.parameters() if p.is_floating_point()} - {"torch.float32"})
-        if dtypes:
-            warnings.append(f"the {role} has {', '.join(dtypes)} parameters: attack and evaluate in float32")
+    warnings += precision_warnings(model, surrogate)
     with frozen_eval(model), torch.no_grad():
         first, second = model.entailment_logits(images, batch.hypotheses), model.entailment_logits(images, batch.hypotheses)
     if not torch.equal(first, second):

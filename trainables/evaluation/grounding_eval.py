@@ -44,6 +44,7 @@ from trainables.data.grounding import GroundingBatch, GroundingItem, collate_gro
 from trainables.errors import UserError
 from trainables.evaluation.gradcam import gradcam_map
 from trainables.evaluation.grounding import accuracy_per_split, ground, is_hit
+from trainables.evaluation.robustness import precision_warnings
 from trainables.names import CLEAN, GROUNDING_KEYS, GROUNDING_SPLIT_KEYS, eps_fraction, metric_name
 from trainables.seeds import EVAL_ATTACK, derive_seed
 
@@ -287,11 +288,7 @@ def grounding_honesty_checks(model, dataset, settings: GroundingSettings, surrog
         return warnings
     batch = collate_grounding([dataset[i] for i in range(count)])
     images = batch.images.to(model.pixel_mean.device)
-    for role, checked in (("evaluated model", model), ("surrogate", surrogate)):
-        if checked is not None:
-            dtypes = sorted({str(p.dtype) for p in checked.parameters() if p.is_floating_point()} - {"torch.float32"})
-            if dtypes:
-                warnings.append(f"the {role} has {', '.join(dtypes)} parameters: attack and evaluate in float32")
+    warnings += precision_warnings(model, surrogate)
     with frozen_eval(model):
         first = grounding_maps(model, images, batch.expressions, settings.layer)
         second = grounding_maps(model, images, batch.expressions, settings.layer)

@@ -243,6 +243,19 @@ def attach_row_warnings(rows: list[RetrievalRow]) -> list[RetrievalRow]:
     return [dataclasses.replace(row, warnings=row.warnings + tuple(found[index])) for index, row in enumerate(rows)]
 
 
+def precision_warnings(model, surrogate=None) -> list[str]:
+    """One warning per model (evaluated, surrogate) whose floating-point parameters are not all float32."""
+    warnings = []
+    for role, checked in (("evaluated model", model), ("surrogate", surrogate)):
+        if checked is None:
+            continue
+        dtypes = sorted({str(p.dtype) for p in checked.parameters() if p.is_floating_point()} - {"torch.float32"})
+        if dtypes:
+            warnings.append(f"the {role} has {', '.join(dtypes)} parameters: attack and evaluate in float32 "
+                            "(low precision rounds small gradients to zero)")
+    return warnings
+
+
 def honesty_checks(model, dataset, settings: EvalSettings, surrogate=None, num_images: int = 16) -> list[str]:
     """Cheap AutoAttack-style sanity checks on the first ``num_images`` images; returns warnings.
 
@@ -263,13 +276,7 @@ def honesty_checks(model, dataset, settings: EvalSettings, surrogate=None, num_i
     images = torch.stack([item.image for item in items]).to(device)
     captions = [item.captions for item in items]
     attacker = surrogate if surrogate is not None else model
-    for role, checked in (("evaluated model", model), ("surrogate", surrogate)):
-        if checked is None:
-            continue
-        dtypes = sorted({str(p.dtype) for p in checked.parameters() if p.is_floating_point()} - {"torch.float32"})
-        if dtypes:
-            warnings.append(f"the {role} has {', '.join(dtypes)} parameters: attack and evaluate in float32 "
-                            "(low precision rounds small gradients to zero)")
+    warnings += precision_warnings(model, surrogate)
     with frozen_eval(model), torch.no_grad():
         first, second = model.encode_image(images), model.encode_image(images)
     if not torch.equal(first, second):
