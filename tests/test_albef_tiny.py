@@ -12,9 +12,12 @@ from __future__ import annotations
 import torch
 
 from trainables.data.synthetic import SyntheticWorld
+from trainables.data.synthetic_ve import SyntheticEntailment
+from trainables.data.synthetic_vg import SyntheticGrounding
 from trainables.models.albef import AlbefNet
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer
 import copy
+from dataclasses import replace
 
 import pytest
 from safetensors.torch import save_file
@@ -23,16 +26,20 @@ from trainables.models import load_model, model_kind
 from trainables.models.albef import AlbefVLP, TclVLP
 from trainables.models.tiny_albef import (TINY_TCL, TinyAlbefConfig, MlmHead, _contrast, _hard_negatives, _mask_tokens,
                                           albef_losses, bert_config, global_local_loss, model_dir, scene_ids, tcl_losses,
-                                          vit_config, write_text_files)
+                                          vit_config, warm_start, write_text_files)
 
 SMALL = TinyAlbefConfig(vision_width=32, vision_layers=1, text_width=32, text_layers=1, fusion_layers=1, embed_dim=8)
 
 
-def test_the_world_vocabulary_covers_every_caption(tmp_path):
+def test_the_world_vocabulary_covers_every_caption_hypothesis_and_expression(tmp_path):
     write_text_files(tmp_path, SMALL)
     tokenizer = AlbefTokenizer(load_bert_tokenizer(tmp_path), max_tokens=SMALL.max_tokens)
     captions = [caption for split in ("train", "test") for item in SyntheticWorld(split, 40, seed=3) for caption in item.captions]
-    ids = tokenizer(captions)["input_ids"]
+    hypotheses = [SyntheticEntailment("train", 60, seed=3)[i].hypothesis for i in range(60)]
+    grounding = SyntheticGrounding("test", 40, seed=3)
+    expressions = [grounding[i].expression for i in range(len(grounding))]
+    assert any("shape" in e.split() for e in expressions) and any("wood" in h for h in hypotheses)  # the once-missing words
+    ids = tokenizer(captions + hypotheses + expressions)["input_ids"]
     assert tokenizer.tokenizer.unk_token_id not in ids
     assert ids.shape[1] <= SMALL.max_tokens
 
@@ -63,6 +70,17 @@ def test_every_albef_term_is_finite_and_trains_every_saved_weight(tmp_path):
     terms["loss"].backward()
     silent = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert silent == [], silent  # ITC, ITM (fusion + head) and MLM together reach every saved weight
+
+
+def test_the_warm_start_trains_the_unimodal_encoders_and_leaves_the_fusion_alone(tmp_path):
+    net, tokenizer = _small_net(tmp_path)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    warm_start(net, replace(SMALL, warm_images=64, warm_epochs=1, warm_batch_size=16), tokenizer, progress=False)
+    moved = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    fusion = {name for name in before if name.startswith("itm_head") or name.startswith(f"text_encoder.encoder.layer.{SMALL.text_layers}.")}
+    assert fusion and not moved & fusion
+    for prefix in ("visual_encoder.", "vision_proj.", "text_proj.", "text_encoder.embeddings.", "text_encoder.encoder.layer.0.", "temp"):
+        assert any(name.startswith(prefix) for name in moved), prefix
 
 
 def test_the_cache_is_content_addressed():

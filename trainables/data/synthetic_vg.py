@@ -42,7 +42,7 @@ TEST_SPLITS = ("val", "testA", "testB")
 GRID = 3
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
 DISTRACTORS = 2
-_POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _WORDS = ("size", "colour", "shape")
 _STREAM = 2  # SeedSequence key: grounding scenes are not the captioning world's scenes
 _ATTEMPTS = 20  # draws per distractor before giving up on it (the item then has fewer proposals)
@@ -79,7 +79,7 @@ def _phrase(target: PlacedObject, words: tuple[str, ...], direction: str | None)
         parts.append(target.colour)
     parts.append(target.shape if "shape" in words else "shape")
     if direction:
-        parts.append(_POSITION_PHRASES[direction])
+        parts.append(POSITION_PHRASES[direction])
     return " ".join(parts)
 
 
@@ -110,7 +110,7 @@ def sample_scene(rng: np.random.Generator, needs_position: bool) -> GroundingSce
             if not needs_position and len(matching) == 1:
                 options.append((words, None))
             elif needs_position:
-                options.extend((words, d) for d in _POSITION_PHRASES if _strict_extreme(matching, cells[0], d))
+                options.extend((words, d) for d in POSITION_PHRASES if _strict_extreme(matching, cells[0], d))
     words, direction = options[int(rng.integers(len(options)))]
     background = pick(tuple(BACKGROUNDS))
     return GroundingScene(tuple(objects), tuple(cells), background, (int(round((2 * rng.random() - 1) * 10)),) * 3,
