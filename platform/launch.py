@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from platform.preflight import TRIAL_DRIVER_CPUS, Locations
+from platform.preflight import TRIAL_DRIVER_RESOURCES, Locations
 from platform.search import num_samples, scheduler, searcher, tune_space
 from platform.specs import PinnedSpecs
 from platform.sweep_spec import SweepSpec
@@ -68,7 +68,7 @@ def init_ray(dashboard_host: str = LOCAL_HOST) -> None:
 def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: MlflowTrialTracker, resume: bool,
                 pinned: PinnedSpecs) -> tune.Tuner:
     """The Tuner of a new sweep (searched keys at the top of each trial's config, fixed options under "train"), or the restored one."""
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
     path = os.path.join(locations.storage_path, sweep_id)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)

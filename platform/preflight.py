@@ -26,8 +26,11 @@ from trainables.data import check_min_captions, load_dataset, parse_data_spec
 from trainables.errors import UserError
 from trainables.models import load_model, model_kind, parse_model_spec
 
-# The Tune trial only launches and watches its Train run; its workers hold the CPUs.
-TRIAL_DRIVER_CPUS = 0.01
+# The Tune trial only launches and watches its Train run; its workers hold the CPUs. Its placement
+# bundle holds no CPU, only a token of Ray's logical memory (a bundle must hold something): with a
+# CPU share (it was 0.01), two one-CPU trials needed 2.02 CPUs on a 2-core machine, so the second
+# trial's workers waited for the first trial to end and max_concurrent_trials: 2 ran one at a time.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
 # Tracking URIs whose store is a local file or folder: checked by a write probe, never opened before the run.
 LOCAL_STORES = ("sqlite", "file", "")
 
@@ -115,7 +118,7 @@ def check_resources(spec: SweepSpec) -> None:
     else:
         cpus, gpus, where = os.cpu_count() or 1, torch.cuda.device_count(), "this machine"
     r = spec.resources
-    need_cpus = r.workers_per_trial * r.cpus_per_worker + TRIAL_DRIVER_CPUS
+    need_cpus = r.workers_per_trial * r.cpus_per_worker
     need_gpus = r.workers_per_trial * r.gpus_per_worker
     if need_gpus > gpus:
         cuda = any(str(d).startswith("cuda") for d in spec.candidate_values("device"))

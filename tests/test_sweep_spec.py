@@ -312,3 +312,15 @@ def test_nsga2_seeds_average_each_objective_on_its_own():
     repeater.on_trial_complete("t0", {"final/clean/tr1": 40.0, "final/pgd/eps4/tr1": 10.0})
     repeater.on_trial_complete("t1", {"final/clean/tr1": 50.0, "final/pgd/eps4/tr1": 20.0})
     assert repeater.searcher._ot_study.trials[0].values == [45.0, 15.0]
+
+
+def test_two_one_cpu_trials_fit_a_two_core_machine_side_by_side():
+    """The trial driver's placement bundle holds no CPU: with 0.01 CPU (as before), two trials of one
+    one-CPU worker needed 2.02 CPUs, so on 2 cores ``max_concurrent_trials: 2`` ran one trial at a time."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from platform.preflight import TRIAL_DRIVER_RESOURCES
+
+    driver = resource_dict_to_pg_factory(TRIAL_DRIVER_RESOURCES).required_resources
+    assert 2 * (driver.get("CPU", 0) + 1) <= 2
+    assert any(value > 0 for value in driver.values())  # Ray refuses a placement bundle of zeros
