@@ -2,8 +2,8 @@
 
 The cluster is Ray's own multi-node test harness: a head and two worker nodes, each a
 raylet of **one CPU**, so a trial's two Ray Train workers (``cpus_per_worker: 1``) can
-only run on two different nodes (the trial's own 0.01-CPU launcher takes a sliver of one
-more). Storage is one temporary folder every node reads and writes, as an NFS mount is
+only run on two different nodes (the trial's own launcher holds no CPU, only a token of
+logical memory). Storage is one temporary folder every node reads and writes, as an NFS mount is
 on a real cluster; MLflow is a SQLite file. Each worker group records the node of every
 rank in its results (``worker_nodes``), which the tests compare with the cluster's nodes.
 
