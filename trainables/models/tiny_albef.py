@@ -3,7 +3,9 @@
 Nothing is downloaded. The first use writes a word-level vocabulary of the synthetic
 world (``vocab.txt``) and an ALBEF ``config_bert.json``, pretrains the model with a
 progress bar, and caches everything in ``$MAVA_CACHE_DIR/tiny-<family>-<hash of the
-config>/`` (default ``~/.cache/mava-platform``). One loop, two objective sets:
+config and vocabulary>/`` (default ``~/.cache/mava-platform``). Pretraining has two
+stages: a unimodal warm start (``warm_start``: ITC alone, the stand-in for ALBEF's
+DeiT/BERT initialisation), then the joint stage, one loop with two objective sets:
 
 * ``albef`` (``tiny-albef``): ALBEF's ITC; ITM with hard negatives sampled from the ITC
   similarities; MLM (no momentum distillation or queues);
