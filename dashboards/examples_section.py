@@ -72,6 +72,7 @@ def examples_section(client: MlflowClient, records: ExperimentRecords, objective
             + page.note_html("For each group's best trial: a few fixed test images, attacked white-box on the undefended "
                              "base encoder and on the fine-tuned one, at the largest evaluated eps. The perturbation is "
                              "amplified (grey = unchanged, black/white = ±eps); a tick marks a retrieved caption of the "
-                             "image itself; words a multimodal attack replaced are highlighted. "
+                             "image itself; words a multimodal attack replaced are highlighted; for ALBEF/TCL the last "
+                             "picture is GradCAM of the ITM logit with the image's first caption. "
                              f"Objective ranking the trials: {html.escape(objective or '(none)')}.")
             + "".join(blocks))

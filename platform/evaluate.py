@@ -42,7 +42,8 @@ from trainables.tasks import Task
 COLUMNS = {"tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10"}
 
 
-def _word_candidates(text: str) -> str:
+def word_candidates_arg(text: str) -> str:
+    """argparse type of ``--word-candidates``: a word-source spec (``trainables.attacks.word_candidates``)."""
     try:
         return check_word_candidates(text.strip())
     except ValueError as error:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per attack batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack's randomness (default 0)")
     parser.add_argument("--k-test", type=positive_int, default=128, help="candidates an ITM head (BLIP, ALBEF, TCL) re-scores per image and per caption (default 128, Flickr30k's; COCO: 256)")
-    parser.add_argument("--word-candidates", type=_word_candidates, default=EMBEDDED_MLM,
+    parser.add_argument("--word-candidates", type=word_candidates_arg, default=EMBEDDED_MLM,
                         help=f"word source of the text attacks: {WORD_CANDIDATE_FORMS} (default: {EMBEDDED_MLM}, the embedded "
                              "masked LM, for the synthetic world; see docs/attacks.md)")
     parser.add_argument("--pairs", choices=PAIR_SCOPES, default=PAIR_SCOPES[0], help="--task entailment: score all pairs "

@@ -43,6 +43,30 @@ def test_examples_show_the_attacked_images_and_what_each_encoder_retrieves(rando
         assert 0 < example.linf <= 4.0
         assert torch.allclose(pictures[example.delta_png], amplified(adversarial - original, eps))
         assert example.changed == [[] for _ in example.captions]  # PGD leaves the captions alone
+    assert all(example.cam_png is None for example in examples)  # a dual encoder has no ITM cross-attention to draw
+
+
+def test_fusion_model_examples_draw_gradcam_of_the_attacked_image_with_its_first_caption(tmp_path, synthetic_test_set):
+    from albef_fakes import write_tiny_albef
+    from trainables.evaluation.examples import gradcam_pictures
+    from trainables.evaluation.gradcam import gradcam_map, heat_overlay
+    from trainables.models.albef import load_albef
+
+    model = load_albef(*write_tiny_albef(tmp_path), "albef:fake").eval()
+    examples, pictures = encoder_examples(model, "undefended", synthetic_test_set, ("pgd", "sga"), (4 / 255,), count=2, seed=0)
+    assert all(example.cam_png in pictures for example in examples)
+    for example in examples:
+        image = pictures[example.png].unsqueeze(0)
+        logits, attention, mask = model.itm_cross_attention(image, [example.captions[0]])
+        expected = heat_overlay(image, gradcam_map(logits, attention, mask, image_size=tuple(image.shape[-2:])))[0]
+        assert torch.allclose(pictures[example.cam_png], expected, atol=1e-5)  # the map of that image and that caption
+    sga = next(x for x in examples if x.attack == "sga" and x.image == 0)
+    clean = next(x for x in examples if x.attack == "clean" and x.image == 0)
+    assert not torch.equal(pictures[sga.cam_png], pictures[clean.cam_png])  # the attack moved the map
+    assert all(p.grad is None for p in model.parameters())
+    fragment = examples_fragment(examples, src=lambda name: name)
+    assert f'src="{sga.cam_png}"' in fragment and "GradCAM" in fragment
+    assert gradcam_pictures(model, image, ["a red circle"]).shape == image.shape
 
 
 def test_the_page_highlights_replaced_words_and_ticks_own_captions():

@@ -201,3 +201,48 @@ def test_albef_gradcam_peaks_on_the_referred_object(fake_albef, monkeypatch):
     referred_box, other_box = (16.0, 16.0, 16.0, 16.0), (40.0, 0.0, 20.0, 20.0)
     assert ground(maps[0], (64, 64), [other_box, referred_box]) == referred_box
     assert ground(maps[1], (64, 64), [referred_box, (32.0, 32.0, 16.0, 16.0)]) == (32.0, 32.0, 16.0, 16.0)
+
+
+# ---- the picture: the map drawn over the image --------------------------------------------
+
+
+def test_heat_overlay_marks_the_map_peak_and_leaves_a_map_without_evidence_dark():
+    from trainables.evaluation.gradcam import heat_overlay
+
+    images = torch.full((2, 3, 4, 4), 0.4)
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 1, 2] = 3.0  # the peak
+    maps[0, 0, 0] = 1.0  # a third of it
+    maps[0, 3, 3] = -5.0  # negative evidence is dropped, as in GradCAM
+    drawn = heat_overlay(images, maps)  # image 1: no positive value anywhere
+    assert torch.allclose(drawn[0, :, 1, 2], torch.tensor([0.7, 0.7, 0.7]))  # 0.5 * 0.4 + 0.5 * white
+    assert torch.allclose(drawn[0, :, 0, 0], torch.tensor([0.7, 0.2, 0.2]))  # a third of the peak: pure red
+    assert torch.allclose(drawn[0, :, 3, 3], torch.full((3,), 0.2)) and torch.allclose(drawn[1], torch.full((3, 4, 4), 0.2))
+    with pytest.raises(ValueError, match="same size"):
+        heat_overlay(images, torch.zeros(2, 3, 3))
+
+
+def test_ve_gradcam_scores_the_given_class_without_touching_parameter_gradients(tmp_path):
+    """The VE head's GradCAM (the paper's Figure 5) scores the logit of each pair's given class,
+    reads the same fusion layer, and touches no parameter gradient."""
+    from albef_fakes import write_tiny_albef
+    from trainables.evaluation.gradcam import gradcam_map
+    from trainables.models.albef import load_albef
+
+    text_dir, checkpoint = write_tiny_albef(tmp_path, variant="ve")
+    model = load_albef(text_dir, checkpoint, "albef:fake-ve").eval()
+    pixels, texts = torch.rand(3, 3, model.image_size, model.image_size), ["a red circle", "a shape", "the blue square"]
+    labels = torch.tensor([2, 0, 1])
+    scores, attention, mask = model.entailment_cross_attention(pixels, texts, labels)
+    with torch.no_grad():
+        expected = model.entailment_logits(pixels, texts).gather(1, labels.view(-1, 1))[:, 0]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    other, _, _ = model.entailment_cross_attention(pixels, texts, (labels + 1) % 3)
+    assert not torch.allclose(other, scores)  # a different class is a different score
+    maps = gradcam_map(scores, attention, mask)
+    assert maps.shape == (3, model.vision.config.grid, model.vision.config.grid) and maps.sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    from trainables.errors import UserError
+
+    with pytest.raises(UserError, match="itm_head"):
+        model.itm_cross_attention(pixels, texts)

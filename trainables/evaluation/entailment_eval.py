@@ -138,7 +138,7 @@ def check_entailment_attacks(attacks: tuple[str, ...], dataset=None) -> None:
                         "drop sga or evaluate on synthetic-ve")
 
 
-def _run_attack(name: str, attacker, batch: EntailmentBatch, images: torch.Tensor, eps: float, generator: torch.Generator,
+def run_entailment_attack(name: str, attacker, batch: EntailmentBatch, images: torch.Tensor, eps: float, generator: torch.Generator,
                 candidates, dataset, indices: list[int]) -> tuple[torch.Tensor, list[str], str | None]:
     """(adversarial images, hypotheses to score, word source) of one attack on one batch."""
     options = {"candidates": candidates} if candidates is not None else {}
@@ -178,7 +178,7 @@ def _check_feature_widths(attacker, item: EntailmentItem, device: torch.device) 
                         f"image and {text_width}-wide text features: these attacks do not apply to it; use pgd")
 
 
-def _candidates(settings: EntailmentSettings, attacker, dataset, device: torch.device):
+def entailment_candidates(settings: EntailmentSettings, attacker, dataset, device: torch.device):
     if not any(attack in TEXT_ATTACKS_VE for attack in settings.attacks):
         return None
     _check_feature_widths(attacker, dataset[0], device)
@@ -206,7 +206,7 @@ def _evaluate_rows(model, dataset, settings: EntailmentSettings, surrogate, prog
     loader = DataLoader(Subset(dataset, indices), batch_size=settings.batch_size, shuffle=False, collate_fn=collate_entailment)
     device = model.pixel_mean.device
     attacker = surrogate if surrogate is not None else model
-    candidates = _candidates(settings, attacker, dataset, device)
+    candidates = entailment_candidates(settings, attacker, dataset, device)
     runs = [(CLEAN, None)] + [(attack, eps) for attack in settings.attacks for eps in settings.eps]
     logits: dict[tuple, list[torch.Tensor]] = {run: [] for run in runs}
     sources: dict[tuple, set[str]] = {run: set() for run in runs}
@@ -225,7 +225,7 @@ def _evaluate_rows(model, dataset, settings: EntailmentSettings, surrogate, prog
             else:
                 # Seed per (batch, run): each cell of the table is reproducible on its own.
                 generator = torch.Generator(device=images.device).manual_seed(derive_seed(settings.seed, EVAL_ATTACK, batch_index, runs.index(run)))
-                adversarial, hypotheses, source = _run_attack(attack, attacker, batch, images, eps, generator, candidates,
+                adversarial, hypotheses, source = run_entailment_attack(attack, attacker, batch, images, eps, generator, candidates,
                                                               dataset, batch_indices)
                 if source is not None:
                     sources[run].add(source)

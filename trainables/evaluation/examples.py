@@ -9,7 +9,10 @@ change the image's own captions; those are kept with the words that changed.
 
 Each encoder is attacked white-box with the evaluation's own attack code and settings
 (its own seed stream: the pictures' three images are not an evaluation batch), so an
-example shows the kind of input the robust metric scores. :func:`write_examples`
+example shows the kind of input the robust metric scores. For a fusion model with an ITM
+head (ALBEF, TCL) each image also gets its GradCAM map (the paper's Figure 5): ALBEF's
+GradCAM of the ITM logit of the image with its first caption, as the attack left it, over
+the image. :func:`write_examples`
 stores PNGs and a JSON index that :mod:`trainables.evaluation.examples_page` turns into
 a page (an MLflow artifact of every trial, and a section of the sweep report).
 """
@@ -27,6 +30,7 @@ from PIL import Image
 
 from trainables.attacks import TEXT_ATTACKS, get_attack
 from trainables.attacks.base import eval_mode
+from trainables.evaluation.gradcam import gradcam_map, heat_overlay
 from trainables.names import CLEAN, EXAMPLES_ARTIFACT_DIR, eps_fraction
 from trainables.seeds import EXAMPLES, derive_seed
 
@@ -50,6 +54,7 @@ class Example:
         changed: per caption, the indices of the words the attack replaced.
         linf: ``||x_adv - x||_inf`` in /255 units (at most eps: the attacks' contract).
         png, delta_png: file names of the image and of the amplified perturbation (None for clean).
+        cam_png: file name of the GradCAM map over the image (None for a model without ITM cross-attention).
     """
 
     encoder: str
@@ -62,6 +67,7 @@ class Example:
     linf: float
     png: str
     delta_png: str | None
+    cam_png: str | None = None
 
 
 def changed_words(original: str, adversarial: str) -> list[int]:
@@ -80,6 +86,17 @@ def amplified(delta: torch.Tensor, eps: float) -> torch.Tensor:
 def _png(pixels: torch.Tensor, path: Path) -> None:
     array = (pixels.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(array).save(path)
+
+
+def has_gradcam(model) -> bool:
+    """Whether the model can draw GradCAM of its ITM logit (an ALBEF/TCL retrieval checkpoint)."""
+    return hasattr(model, "itm_cross_attention") and "itm" in getattr(model, "heads", ())
+
+
+def gradcam_pictures(model, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """(B, 3, H, W): each image with the GradCAM map of its ITM logit with ``texts[b]`` drawn over it."""
+    logits, attention, mask = model.itm_cross_attention(images, list(texts))
+    return heat_overlay(images, gradcam_map(logits, attention, mask, image_size=tuple(images.shape[-2:])))
 
 
 def _embed_texts(model, captions: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -129,6 +146,7 @@ def encoder_examples(model, encoder: str, dataset, attacks: tuple[str, ...], eps
             with torch.no_grad():
                 image_features = F.normalize(model.encode_image(adversarial).float(), dim=-1)
             order = (image_features @ gallery_features.T).argsort(dim=1, descending=True)[:, :TOP_CAPTIONS]
+            cams = gradcam_pictures(model, adversarial, [group[0] for group in adversarial_captions]) if has_gradcam(model) else None
             label = attack if e is None else f"{attack}-eps{eps_fraction(e).split('/')[0]}"
             for i in range(len(shown)):
                 png = f"{encoder}-{label}-{i}.png"
@@ -137,12 +155,17 @@ def encoder_examples(model, encoder: str, dataset, attacks: tuple[str, ...], eps
                 if e is not None:
                     delta_png = f"{encoder}-{label}-{i}-delta.png"
                     pictures[delta_png] = amplified(adversarial[i] - images[i], e)
+                cam_png = None
+                if cams is not None:
+                    cam_png = f"{encoder}-{label}-{i}-cam.png"
+                    pictures[cam_png] = cams[i]
                 examples.append(Example(
                     encoder=encoder, image=i, attack=attack, eps=None if e is None else eps_fraction(e),
                     top=[(gallery[j], owner[j] == i) for j in order[i].tolist()],
                     captions=list(adversarial_captions[i]),
                     changed=[changed_words(a, b) for a, b in zip(captions[i], adversarial_captions[i])],
-                    linf=round(float((adversarial[i] - images[i]).abs().max()) * 255, 4), png=png, delta_png=delta_png))
+                    linf=round(float((adversarial[i] - images[i]).abs().max()) * 255, 4), png=png, delta_png=delta_png,
+                    cam_png=cam_png))
     return examples, pictures
 
 

@@ -5,7 +5,8 @@ eps with, for each encoder side by side (undefended, fine-tuned), the adversaria
 image, its perturbation amplified to the full grey range (grey = unchanged, see
 :func:`~trainables.evaluation.examples.amplified`), and the top captions it retrieves
 (a tick marks one of the image's own captions). Words a multimodal attack replaced are
-highlighted in the attacked captions. Pure string building: the caller says how an
+highlighted in the attacked captions. For ALBEF/TCL models a third picture is the GradCAM
+map of the image's first caption (bright = where the ITM logit's evidence lies). Pure string building: the caller says how an
 image file is addressed (a relative file name in an artifact folder, a data URI in the
 report).
 """
@@ -47,6 +48,8 @@ def _cell(example: Example, src: Callable[[str], str]) -> str:
     images = f'<img src="{src(example.png)}" alt="{html.escape(example.png)}">'
     if example.delta_png:
         images += f'<img src="{src(example.delta_png)}" alt="perturbation ×{html.escape(str(example.eps))}">'
+    if example.cam_png:
+        images += f'<img src="{src(example.cam_png)}" alt="GradCAM" title="GradCAM of the ITM logit with the first caption">'
     caption = "" if example.delta_png is None else f"<div>‖δ‖∞ = {example.linf:g}/255</div>"
     return (f'<td><div style="display:flex;gap:4px">{images}</div>{caption}</td>'
             f"<td>{_top_html(example.top)}{_captions_html(example)}</td>")
@@ -77,5 +80,7 @@ def examples_page(context: dict, examples: list[Example], src: Callable[[str], s
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Adversarial examples</title><style>{STYLE}</style></head>"
             f"<body><h1>Adversarial examples</h1><ul>{facts}</ul>"
             "<p>Each encoder is attacked white-box. The perturbation is shown amplified: grey is unchanged, "
-            "full black or white is ±eps. A tick marks a retrieved caption that belongs to the image.</p>"
+            "full black or white is ±eps. A tick marks a retrieved caption that belongs to the image. "
+            "For fusion models (ALBEF, TCL) the last picture is GradCAM of the ITM logit with the image's first caption "
+            "as the attack left it (dark: no evidence; bright: most evidence; each map scaled to its own maximum).</p>"
             f"{examples_fragment(examples, src)}</body></html>")

@@ -104,3 +104,19 @@ def upsample_map(maps: torch.Tensor, image_size: tuple[int, int]) -> torch.Tenso
     out = F.interpolate(batch.unsqueeze(1).to(torch.float32), size=(int(height), int(width)), mode="bicubic", align_corners=False)
     out = out.squeeze(1)
     return out[0] if single else out
+
+
+def heat_overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] blended with a black-red-yellow-white heat scale of (B, H, W) maps.
+
+    Each map is clamped at 0 (GradCAM keeps positive evidence only) and scaled to its own
+    maximum, as ALBEF's and the paper's visualisations are: the picture says *where* the model
+    looks, not how strongly (compare scores, not colours, across images). A map with no positive
+    value is drawn black (no evidence anywhere).
+    """
+    if images.dim() != 4 or maps.dim() != 3 or images.shape[0] != maps.shape[0] or images.shape[-2:] != maps.shape[-2:]:
+        raise ValueError(f"images must be (B, 3, H, W) and maps (B, H, W) of the same size; got {tuple(images.shape)} and {tuple(maps.shape)}")
+    heat = maps.detach().float().clamp(min=0)
+    heat = heat / heat.flatten(1).amax(dim=1).clamp(min=torch.finfo(heat.dtype).tiny).view(-1, 1, 1)
+    colour = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)], dim=1)
+    return ((1 - alpha) * images.detach().float().to(colour.device) + alpha * colour).clamp(0, 1)

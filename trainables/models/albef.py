@@ -198,6 +198,19 @@ class AlbefVLP(VLPModel):
         and never reaches a parameter. ``layer``: absolute index of a fusion layer (None: :attr:`gradcam_layer`).
         """
         self._need("itm", "ground expressions (GradCAM of the ITM logit)")
+        return self._cross_attention(pixels, list(texts), layer, lambda fused: self.itm_head(fused)[:, 1])
+
+    def entailment_cross_attention(self, pixels: torch.Tensor, hypotheses: list[str], labels: torch.Tensor,
+                                   layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`itm_cross_attention`, for the VE head: the logit of class ``labels[b]`` of pair b
+        (the paper's Figure 5 draws GradCAM of the VE model)."""
+        self._need("cls", "draw GradCAM of visual entailment")
+        labels = labels.to(pixels.device).view(-1, 1)
+        return self._cross_attention(pixels, list(hypotheses), layer, lambda fused: self.cls_head(fused).gather(1, labels)[:, 0])
+
+    def _cross_attention(self, pixels: torch.Tensor, texts: list[str], layer: int | None,
+                         score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(score(fusion CLS) (B,), attention of fusion layer ``layer``, text mask)``; see :meth:`itm_cross_attention`."""
         config = self.text_encoder.config
         layer = self.gradcam_layer if layer is None else layer
         if not config.fusion_layer <= layer < config.num_hidden_layers:
@@ -206,7 +219,7 @@ class AlbefVLP(VLPModel):
         cross = self.text_encoder.encoder.layer[layer].crossattention.self
         with torch.enable_grad():
             image = self.image_tokens(pixels).detach().requires_grad_(True)
-            tokens = self._tokens(list(texts))
+            tokens = self._tokens(texts)
             cross.save_attention = True
             try:
                 text = self.text_encoder.text(tokens["input_ids"], tokens["attention_mask"])
@@ -214,8 +227,8 @@ class AlbefVLP(VLPModel):
                 attention = cross.saved_attention
             finally:
                 cross.save_attention, cross.saved_attention = False, None
-            logits = self.itm_head(fused[:, 0])[:, 1]
-        return logits, attention, tokens["attention_mask"]
+            scores = score(fused[:, 0])
+        return scores, attention, tokens["attention_mask"]
 
     def entailment_logits(self, pixels: torch.Tensor, hypotheses: list[str]) -> torch.Tensor:
         """(B, 3) logits over ``ENTAILMENT_CLASSES`` of (premise image, hypothesis) pairs (``model_ve.py``)."""

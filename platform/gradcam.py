@@ -1,0 +1,117 @@
+"""The paper's Figure 5 on any VE model: GradCAM of clean and adversarial pairs under each vision encoder.
+
+    python -m platform.gradcam --model tiny-albef-ve \\
+        --encoder MAVA=runs/mava/checkpoint --encoder FARE=runs/fare/checkpoint --encoder TeCoA=runs/tecoa/checkpoint \\
+        --data synthetic-ve:test,n=300 --attacks co-attack,sga --eps 4/255 --pairs 3 --out figure5.png
+
+Columns: the undefended model, then each ``--encoder NAME=CHECKPOINT`` (fine-tuned vision
+weights swapped into the same VE model: a checkpoint directory holding vision.safetensors,
+or the file). Rows: each pair clean and under each attack, crafted white-box on that
+column's encoder. Each cell: ALBEF's GradCAM of the true class's logit over the scored
+image, the scored hypothesis (replaced words in capitals), and the model's decision
+(``trainables.evaluation.gradcam_figure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from platform.cli import attack_names, device_name, eps_list, output_file, parse_assignments, positive_int, run_cli
+from platform.evaluate import word_candidates_arg, load_evaluated_model, vision_weights_path
+from trainables.attacks.word_candidates import EMBEDDED_MLM, WORD_CANDIDATE_FORMS, embedded_mlm_problem, mlm_folder
+from trainables.data import KINDS, load_dataset, parse_data_spec
+from trainables.data.entailment import LABELS, EntailmentItem
+from trainables.device import resolve_device
+from trainables.errors import UserError
+from trainables.evaluation.entailment_eval import TEXT_ATTACKS_VE, EntailmentSettings, check_entailment_attacks, entailment_candidates
+from trainables.evaluation.gradcam_figure import draw_panels, entailment_panels, map_agreement, only_indices
+from trainables.models import parse_model_spec
+from trainables.names import eps_fraction
+
+UNDEFENDED = "undefended"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m platform.gradcam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the VE model spec (an ALBEF/TCL checkpoint with cls_head), e.g. tiny-albef-ve")
+    parser.add_argument("--encoder", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a fine-tuned vision encoder to draw beside the undefended one (repeatable), e.g. MAVA=runs/x/checkpoint")
+    parser.add_argument("--data", required=True, help="entailment data spec, e.g. synthetic-ve:test,n=300")
+    parser.add_argument("--attacks", type=attack_names, default=("co-attack", "sga"),
+                        help="comma-separated, from pgd, co-attack, sga (default: co-attack,sga, the paper's Figure 5)")
+    parser.add_argument("--eps", type=eps_list, default=(4 / 255,), help="one L-inf budget in [0, 1] pixel units (default 4/255)")
+    parser.add_argument("--pairs", type=positive_int, default=3, help="how many pairs to draw (default 3)")
+    parser.add_argument("--label", choices=["entailment", "any"], default="entailment",
+                        help="draw only entailment pairs (MAVA's VE data, the default) or the first pairs of any label")
+    parser.add_argument("--word-candidates", type=word_candidates_arg, default=EMBEDDED_MLM,
+                        help=f"word source of the text attacks: {WORD_CANDIDATE_FORMS} (default: {EMBEDDED_MLM})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' randomness (default 0)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--out", required=True, help="the figure's PNG file")
+    return parser
+
+
+def _check_inputs(args: argparse.Namespace):
+    """Every input checked before a model loads: (model spec, {name: weights}, data spec, output path)."""
+    if len(args.eps) != 1:
+        raise UserError(f"--eps takes one budget for the figure, got {len(args.eps)}: e.g. --eps 4/255")
+    data_spec = parse_data_spec(args.data)
+    if KINDS[data_spec.kind].item is not EntailmentItem:
+        raise UserError(f"the figure draws visual-entailment pairs, but {args.data!r} is {data_spec.kind} data: "
+                        "use e.g. synthetic-ve:test,n=300 or snli-ve:/abs/ve_test.json,images=/abs/flickr30k-images")
+    check_entailment_attacks(args.attacks)
+    encoders = parse_assignments(args.encoder, "--encoder")
+    if UNDEFENDED in encoders:
+        raise UserError(f"--encoder {UNDEFENDED}=...: that column is always drawn (the base model); give the fine-tuned encoder another name")
+    weights = {name: vision_weights_path(path) for name, path in encoders.items()}
+    folder = mlm_folder(args.word_candidates)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
+    problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
+    if problem:
+        raise UserError(f"--word-candidates: {problem}")
+    return parse_model_spec(args.model), weights, data_spec, output_file(args.out, "--out")
+
+
+def agreement_table(panels) -> str:
+    """How much each encoder and attack moves the map: correlation with the undefended clean map, mean ± sd over pairs."""
+    lines = [f"map correlation with the {UNDEFENDED} model's clean map (Pearson, mean ± sd over pairs with any evidence)"]
+    for (encoder, attack), values in map_agreement(panels, UNDEFENDED).items():
+        spread = float(torch.tensor(values).std()) if len(values) > 1 else 0.0
+        lines.append(f"  {encoder:>12}  {attack:<10} {sum(values) / len(values):6.2f} ± {spread:.2f}  (n={len(values)})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec, weights, data_spec, out = _check_inputs(args)
+    device = resolve_device(args.device)
+    models = {UNDEFENDED: load_evaluated_model(spec, None, device)}
+    if "cls" not in getattr(models[UNDEFENDED], "heads", ()) or not hasattr(models[UNDEFENDED], "entailment_cross_attention"):
+        raise UserError(f"{args.model!r} is not a VE fusion model (an ALBEF/TCL checkpoint with cls_head): GradCAM of "
+                        "entailment needs one, e.g. tiny-albef-ve")
+    models |= {name: load_evaluated_model(spec, path, device) for name, path in weights.items()}
+    dataset = load_dataset(data_spec, models[UNDEFENDED].image_size)
+    check_entailment_attacks(args.attacks, dataset)
+    indices = only_indices(dataset, args.pairs, None if args.label == "any" else LABELS[args.label])
+    if not indices:
+        raise UserError(f"{args.data!r} has no {args.label} pairs to draw: pass --label any or other data")
+    # The text tower is frozen and shared by every encoder: one word source serves all columns.
+    settings = EntailmentSettings(attacks=args.attacks, text_candidates=args.word_candidates if set(args.attacks) & TEXT_ATTACKS_VE else None)
+    candidates = entailment_candidates(settings, models[UNDEFENDED], dataset, device)
+    print(f"drawing GradCAM of {len(indices)} pairs x (clean + {', '.join(args.attacks)}) x {len(models)} encoders", file=sys.stderr)
+    panels = entailment_panels(models, dataset, indices, args.attacks, args.eps[0], args.seed, candidates)
+    title = (f"GradCAM of the true class's logit, {args.model} (white-box attacks at {eps_fraction(args.eps[0])}, "
+             f"words: {args.word_candidates if candidates is not None else 'none'})")
+    draw_panels(panels, title).savefig(out)
+    print(agreement_table(panels))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
