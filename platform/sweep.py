@@ -75,17 +75,21 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
     record_local_ray(state_folder(locations.storage_path, sweep_id))
     started = time.perf_counter()
     with tracking_server_outage(locations.tracking_uri, sweep_id):  # a server gone for longer than MLflow's retries
-        results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
-    wall_seconds = time.perf_counter() - started
-    rows = trial_rows(results, spec)
-    summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,
-               "pareto_front": pareto_front(rows, spec), "wall_seconds": wall_seconds, "tracking_uri": locations.tracking_uri,
-               "storage_path": os.path.join(locations.storage_path, sweep_id), "interrupted": False}
-    if ended_trials(client, experiment_id, sweep_id) < planned_trials(spec):
-        # Ctrl-C or a stop: Tune saved its state; leave the parent RUNNING so --resume continues it.
-        summary["interrupted"] = True
-        return summary
-    finish_sweep(client, spec, summary, wall_seconds)
+        try:
+            results = build_tuner(spec, sweep_id, locations, tracker, bool(resume), pinned).fit()
+            tracker.record_missed_ends(results)  # trials that ended while the server was down
+        finally:
+            tracker.flush()  # the writes still queued (a server that was down): before the summary reads MLflow
+        wall_seconds = time.perf_counter() - started
+        rows = trial_rows(results, spec)
+        summary = {"sweep_id": sweep_id, "parent_run_id": parent_run_id, "experiment_id": experiment_id, "rows": rows,
+                   "pareto_front": pareto_front(rows, spec), "wall_seconds": wall_seconds, "tracking_uri": locations.tracking_uri,
+                   "storage_path": os.path.join(locations.storage_path, sweep_id), "interrupted": False}
+        if ended_trials(client, experiment_id, sweep_id) < planned_trials(spec):
+            # Ctrl-C or a stop: Tune saved its state; leave the parent RUNNING so --resume continues it.
+            summary["interrupted"] = True
+            return summary
+        finish_sweep(client, spec, summary, wall_seconds)
     return summary
 
 

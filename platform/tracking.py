@@ -16,7 +16,12 @@ import os
 import shutil
 import tempfile
 import time
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -35,7 +40,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFAC
                               eps_fraction)
 from trainables.errors import UserError
 from trainables.evaluation.rerank import scoring_label
-from trainables.ray_worker import training_options
+from trainables.ray_worker import finished_result, training_options
 from trainables.tasks import Task, task_info
 
 __all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
@@ -180,8 +185,63 @@ def trial_tags(params: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+class _Writer:
+    """One daemon thread that runs queued calls in order, each answered through a ``Future``.
+
+    Not ``ThreadPoolExecutor``: Python joins its threads at exit, so a driver that gave up on a dead
+    server would then hang in a request to it; a daemon thread ends with the driver, and what it had
+    not written is rebuilt by ``--resume`` (from MLflow and the trials' storage).
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="mlflow-writer", daemon=True).start()
+
+    def submit(self, call, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, call, args))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call, args = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled: the writer gave up on the server
+            try:
+                future.set_result(call(*args))
+            except BaseException as error:  # handed to the driver's thread, which raises it
+                future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class TrialInfo:
+    """What the writer thread needs of a Tune trial, read in Tune's thread (the trial object changes as Tune runs)."""
+
+    trial_id: str
+    params: dict[str, Any]
+    workers: int
+    storage_path: str | None
+
+    @classmethod
+    def of(cls, trial) -> "TrialInfo":
+        sweep = trial.config["sweep"]
+        return cls(trial.trial_id, trial_params(trial), sweep["workers_per_trial"], sweep.get("storage_path"))
+
+
 class MlflowTrialTracker(Callback):
-    """Ray Tune callback: child run per trial, per-epoch metrics, robust checkpoint + card at the end."""
+    """Ray Tune callback: child run per trial, per-epoch metrics, robust checkpoint + card at the end.
+
+    Every MLflow write runs on one writer thread, in callback order, so that Tune's event loop
+    never waits for the tracking server. While a server is down, MLflow retries each request
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) on that thread and Tune goes on polling its trials: a
+    driver blocked in a callback for minutes stalls Ray Tune (a trial function that ends while
+    the driver does not poll never hands over its last result). A write that still fails after
+    MLflow's retries is raised in Tune's thread at the next callback, or by :meth:`flush`, which the
+    sweep calls after ``fit()`` so that nothing queued is lost.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str):
         self.tracking_uri = tracking_uri
@@ -189,6 +249,8 @@ class MlflowTrialTracker(Callback):
         self.parent_run_id = parent_run_id
         self.sweep_id = sweep_id
         self._client: MlflowClient | None = None
+        self._writer: _Writer | None = None
+        self._pending: list[Future] = []
         self._runs: dict[str, str] = {}
         self._last_epoch: dict[str, int] = {}
         self._last_checkpoint: dict[str, str] = {}
@@ -205,24 +267,100 @@ class MlflowTrialTracker(Callback):
         # Tune pickles this callback with the experiment; a restored copy must re-read MLflow
         # (the source of truth) instead of trusting per-trial caches from before the interruption.
         state = dict(self.__dict__)
-        state.update(_client=None, _runs={}, _last_epoch={}, _last_checkpoint={}, _last_metrics={}, _ended=set())
+        state.update(_client=None, _writer=None, _pending=[], _runs={}, _last_epoch={}, _last_checkpoint={}, _last_metrics={},
+                     _ended=set())
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_ended", set())
+        state.setdefault("_writer", None)
+        state.setdefault("_pending", [])
         self.__dict__.update(state)
 
-    def _run_for(self, trial) -> str:
+    # ---- the writer thread ------------------------------------------------------------------------
+
+    def _submit(self, write, *args) -> None:
+        """Queue an MLflow write behind the earlier ones; first raise any earlier write that failed."""
+        self._raise_failed()
+        if self._writer is None:
+            self._writer = _Writer()
+        self._pending.append(self._writer.submit(write, *args))
+
+    def _raise_failed(self) -> None:
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                self._stop_writer()
+                raise future.exception()
+        self._pending = [future for future in self._pending if not future.done()]
+
+    def _stop_writer(self) -> None:
+        # The server is gone for longer than MLflow's retries: queued writes would fail the same way, and --resume
+        # rebuilds what they held from MLflow and the trials' checkpoints.
+        for future in self._pending:
+            future.cancel()
+        if self._writer is not None:
+            self._writer.stop()
+        self._writer, self._pending = None, []
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first one that failed (after MLflow's own retries)."""
+        pending, self._pending = self._pending, []
+        try:
+            for future in pending:
+                future.result()
+        except BaseException:
+            self._stop_writer()
+            raise
+
+    def record_missed_ends(self, results) -> None:
+        """Record the ends that MLflow missed, from what the trials left in storage (after ``fit()``, then :meth:`flush`).
+
+        A trial that ended while the tracking server was down is finished in Tune's state, so a
+        resumed sweep never runs it again and no callback would record its last epochs, its
+        checkpoint or its status. Each trial that left its final result (``DONE_FILE``) is
+        replayed here, and each errored trial's error; the writes skip what a run already holds,
+        so this is a no-op for runs whose end is recorded.
+        """
+        for result in results:
+            trial_id = (result.metrics or {}).get("trial_id")
+            if trial_id is None or not result.config:
+                continue  # never reported: no run to complete
+            trial = TrialInfo.of(SimpleNamespace(trial_id=trial_id, config=result.config))
+            if result.error is not None:
+                self._submit(self._record_error, trial, redact_text(f"{type(result.error).__name__}: {result.error}")[-4000:])
+                continue
+            final = finished_result(result.config, trial_id)
+            if final is not None:  # ended; an interrupted trial has none and is run again by --resume
+                self._submit(self._record_result, trial, final)
+                self._submit(self._record_complete, trial)
+
+    # ---- Tune's callbacks (Tune's thread: read the trial, queue the write) --------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._submit(self._run_for, TrialInfo.of(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._submit(self._record_result, TrialInfo.of(trial), dict(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._submit(self._record_complete, TrialInfo.of(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._submit(self._record_error, TrialInfo.of(trial), redact_text(failure_reason(trial))[-4000:])
+
+    # ---- the writes (writer thread only) -------------------------------------------------------------
+
+    def _run_for(self, trial: TrialInfo) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         tags = {SWEEP_TAG: self.sweep_id, TRIAL_TAG: trial.trial_id}
         run_id = find_run(self.client, self.experiment_id, tags)
         if run_id is None:
-            train = trial_params(trial)
+            train = trial.params
             run = self.client.create_run(self.experiment_id, run_name=redact_text(f"{self.sweep_id}/{trial.trial_id}"), tags=redact({
                 **tags, ROLE_TAG: ROLE_TRIAL, PARENT_RUN_TAG: self.parent_run_id, **trial_tags(train)}))
             run_id = run.info.run_id
-            log_params(self.client, run_id, {**train, EFFECTIVE_BATCH_SIZE: train["batch_size"] * trial.config["sweep"]["workers_per_trial"]})
+            log_params(self.client, run_id, {**train, EFFECTIVE_BATCH_SIZE: train["batch_size"] * trial.workers})
             self._last_epoch[trial.trial_id] = 0
         else:
             # Resumed sweep or restarted trial: continue after the last epoch this run already holds.
@@ -236,10 +374,7 @@ class MlflowTrialTracker(Callback):
         self._runs[trial.trial_id] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _record_result(self, trial: TrialInfo, result: dict[str, Any]) -> None:
         run_id = self._run_for(trial)
         if CHECKPOINT_PATH_KEY in result:
             self._last_checkpoint[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
@@ -251,28 +386,28 @@ class MlflowTrialTracker(Callback):
         epochs = {epoch: metrics}
         if epoch > self._last_epoch.get(trial.trial_id, 0) + 1:
             # Epochs between reached Ray's storage but not MLflow (the driver was waiting for, or lost, the server): from their checkpoints.
-            stored = checkpointed_epochs(trial.config["sweep"]["storage_path"], f"{self.sweep_id}-train-{trial.trial_id}")
+            stored = checkpointed_epochs(trial.storage_path, f"{self.sweep_id}-train-{trial.trial_id}")
             epochs |= {e: numeric_metrics(stored[e]) for e in range(self._last_epoch.get(trial.trial_id, 0) + 1, epoch) if e in stored}
         batch = [Metric(k, v, now, e) for e, values in sorted(epochs.items()) for k, v in values.items() if not k.startswith(FINAL_PREFIX)]
         self.client.log_batch(run_id, metrics=batch + [Metric(EPOCH, e, now, e) for e in sorted(epochs)])
         self._last_epoch[trial.trial_id] = epoch
         self._last_metrics[trial.trial_id] = metrics
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def _record_complete(self, trial: TrialInfo) -> None:
         run_id = self._run_for(trial)
         if trial.trial_id in self._ended:
             return
         checkpoint = self._last_checkpoint.get(trial.trial_id)
         if checkpoint and (Path(checkpoint) / VISION_FILE).is_file():
-            self.log_checkpoint(run_id, trial_params(trial), Path(checkpoint))
+            self.log_checkpoint(run_id, trial.params, Path(checkpoint))
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
         self._ended.add(trial.trial_id)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def _record_error(self, trial: TrialInfo, reason: str) -> None:
         run_id = self._run_for(trial)
         if trial.trial_id in self._ended:
             return
-        self.client.set_tag(run_id, FAILURE_TAG, redact_text(failure_reason(trial))[-4000:])
+        self.client.set_tag(run_id, FAILURE_TAG, reason)
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
         self._ended.add(trial.trial_id)
 

@@ -155,6 +155,7 @@ def log_sweep(tracking_uri: str, experiment: str, artifact_location: str, sweep:
             tracker.on_trial_result(0, [], trial, result | {k: v * scale for k, v in fake.final.items()})
         if fake.status == "FINISHED":
             tracker.on_trial_complete(0, [], trial)
+    tracker.flush()  # the tracker writes on its own thread
     return experiment_id
 
 

@@ -95,6 +95,7 @@ def test_every_trial_records_the_base_weights_sha256_and_the_kinds_family(tmp_pa
     options = {"model": "hf-blip-itr:/models/blip-itm", "eval_attacks": ["pgd"]}
     trial = SimpleNamespace(trial_id="t1", config={"train": options, "sweep": {"searched": [], "workers_per_trial": 1, BASE_WEIGHTS_SHA256: sha}})
     tracker.on_trial_start(0, [], trial)
+    tracker.flush()  # the tracker writes on its own thread
     run = client.get_run(tracker._runs["t1"])
     assert run.data.params[BASE_WEIGHTS_SHA256] == sha and run.data.tags[BASE_WEIGHTS_SHA256] == sha
     # The old substring guess ("clip" in the spec, else the kind) tagged this run "hf-blip-itr".

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import psutil
@@ -574,7 +575,137 @@ def test_epochs_that_missed_mlflow_are_recorded_from_their_checkpoints(tmp_path)
     tracker.on_trial_start(0, [], trial)
     for epoch in (1, 3, 3):  # the last: a replayed epoch, already recorded
         tracker.on_trial_result(0, [], trial, {EPOCH: epoch, "train/loss": 10.0 * epoch})
+    tracker.flush()  # the tracker writes on its own thread
     [run] = trial_runs(client, "gaps")
     assert epoch_steps(client, run.info.run_id) == [1, 2, 3]
     assert [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0)]
     assert run.data.params[EFFECTIVE_BATCH_SIZE] == str(2 * config["batch_size"])
+
+
+class _StalledServer:
+    """A stand-in MLflow client whose every request waits until released (a tracking server that is down and
+    comes back), or fails (one that never comes back, after MLflow's retries)."""
+
+    def __init__(self, fail: bool = False):
+        self.released, self.fail, self.calls = threading.Event(), fail, []
+
+    def __getattr__(self, name):
+        def request(*args, **kwargs):
+            self.released.wait(timeout=60)
+            self.calls.append(name)
+            if self.fail:
+                raise ConnectionError("tracking server unreachable")
+            if name == "search_runs":
+                return []
+            if name == "create_run":
+                return SimpleNamespace(info=SimpleNamespace(run_id="run-1"))
+            return None
+
+        return request
+
+
+def _tracker_trial():
+    from platform.tracking import MlflowTrialTracker
+    from trainables.config import TrainConfig
+
+    tracker = MlflowTrialTracker("http://127.0.0.1:1", "0", "parent", "s")
+    trial = SimpleNamespace(trial_id="t1", config={"train": TrainConfig(epochs=2).model_dump(mode="json"),
+                                                   "sweep": {"searched": [], "workers_per_trial": 1}})
+    return tracker, trial
+
+
+def test_tune_callbacks_never_wait_for_the_tracking_server():
+    """A driver blocked in a callback stalls Ray Tune (a trial that ends while the driver does not poll never hands
+    over its last result): the callbacks queue MLflow writes on one thread and return at once, in order."""
+    tracker, trial = _tracker_trial()
+    tracker._client = server = _StalledServer()
+    started = time.perf_counter()
+    tracker.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        tracker.on_trial_result(0, [], trial, {"epoch": epoch, "train/loss": 1.0 / epoch})
+    tracker.on_trial_complete(0, [], trial)
+    assert time.perf_counter() - started < 5 and server.calls == []  # nothing reached the stalled server yet
+    server.released.set()
+    tracker.flush()
+    assert server.calls[:2] == ["search_runs", "create_run"] and server.calls.count("log_batch") == 3  # the params, epoch 1, epoch 2
+    assert server.calls[-1] == "set_terminated"  # in callback order
+
+
+def test_a_write_that_fails_after_mlflows_retries_stops_the_sweep_at_the_next_callback():
+    tracker, trial = _tracker_trial()
+    tracker._client = server = _StalledServer(fail=True)
+    server.released.set()
+    tracker.on_trial_start(0, [], trial)
+    deadline = time.monotonic() + 30
+    while not server.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    with pytest.raises(ConnectionError, match="unreachable"):
+        tracker.on_trial_result(0, [], trial, {"epoch": 1, "train/loss": 1.0})
+    tracker.flush()  # the failed write was raised once; nothing is left queued
+
+
+def test_a_trial_that_ended_while_the_server_was_down_is_recorded_from_its_final_result(tmp_path):
+    """Tune finished the trial while no write reached MLflow (its run holds epoch 1 only, still RUNNING): a resumed sweep
+    never runs it again, so the end comes from what the trial left in storage: epochs 2-3 (from their checkpoints and
+    the final result), the robust checkpoint and FINISHED. Replaying it again changes nothing."""
+    from platform.tracking import MlflowTrialTracker, get_or_create_experiment, get_or_create_parent_run
+    from trainables.config import TrainConfig
+    from trainables.names import CHECKPOINT_PATH_KEY, DONE_FILE, STATE_FILE
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray"
+    folders = []
+    for epoch in (1, 2, 3):
+        folder = storage / "s-train-t1" / f"checkpoint_00000{epoch - 1}"
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch, "metrics": {EPOCH: epoch, "train/loss": 10.0 * epoch}}))
+        folders.append(folder)
+    save_file({"w": torch.zeros(2)}, str(folders[-1] / VISION_FILE))
+    final = {EPOCH: 3, "train/loss": 30.0, "trial_id": "t1", CHECKPOINT_PATH_KEY: str(folders[-1])}
+    (storage / "s-train-t1" / DONE_FILE).write_text(json.dumps(final))
+    client = MlflowClient(uri)
+    experiment = get_or_create_experiment(client, "ends", str(tmp_path / "artifacts"))
+    tracker = MlflowTrialTracker(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}, {}), "s")
+    config = {"train": TrainConfig(epochs=3).model_dump(mode="json"),
+              "sweep": {"searched": [], "workers_per_trial": 1, "storage_path": str(storage), "sweep_id": "s"}}
+    trial = SimpleNamespace(trial_id="t1", config=config)
+    tracker.on_trial_start(0, [], trial)
+    tracker.on_trial_result(0, [], trial, {EPOCH: 1, "train/loss": 10.0})
+    tracker.flush()  # then the server went away: epochs 2, 3 and the end never reached MLflow
+    unfinished = SimpleNamespace(metrics={"trial_id": "t2", EPOCH: 1}, config={**config, "sweep": {**config["sweep"]}}, error=None)
+    results = [SimpleNamespace(metrics={**final, "done": False}, config=config, error=None), unfinished]
+    for _ in range(2):
+        replayed = MlflowTrialTracker(uri, experiment, tracker.parent_run_id, "s")  # the resumed driver's tracker
+        replayed.record_missed_ends(results)
+        replayed.flush()
+        [run] = trial_runs(client, "ends")  # t2 left no final result: not ended, not created here
+        assert run.info.status == "FINISHED"
+        assert epoch_steps(client, run.info.run_id) == [1, 2, 3] and epoch_steps(client, run.info.run_id, "train/loss") == [1, 2, 3]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/card.json", "checkpoint/vision.safetensors"]
+
+
+def test_a_driver_that_gave_up_on_the_server_exits_while_a_write_still_hangs():
+    """A write stuck in a request to a dead server must not keep the driver alive after it has stopped
+    (Python joins a ThreadPoolExecutor's threads at exit; the writer is a daemon thread)."""
+    script = """
+import sys, threading
+from types import SimpleNamespace
+from platform.tracking import MlflowTrialTracker
+from trainables.config import TrainConfig
+
+class Hung:
+    def __getattr__(self, name):
+        return lambda *a, **k: threading.Event().wait()  # a request that never gets an answer
+
+tracker = MlflowTrialTracker("http://127.0.0.1:1", "0", "parent", "s")
+tracker._client = Hung()
+trial = SimpleNamespace(trial_id="t1", config={"train": TrainConfig().model_dump(mode="json"),
+                                               "sweep": {"searched": [], "workers_per_trial": 1}})
+tracker.on_trial_start(0, [], trial)
+print("queued", flush=True)
+sys.exit(2)
+"""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "queued" in result.stdout, result.stderr[-2000:]
+    assert time.monotonic() - started < 60

@@ -155,7 +155,7 @@ def run_trial(config: dict) -> None:
     sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep['sweep_id']}-train-{trial_id}"
-    done = f"{sweep['storage_path'].rstrip('/')}/{name}/{DONE_FILE}"
+    done = _done_file(sweep, trial_id)
     previous = _read_json(done)
     if previous is not None:
         # This trial finished before the sweep was interrupted, after Tune last saved its state:
@@ -185,6 +185,15 @@ def run_trial(config: dict) -> None:
     if result.checkpoint is not None:
         final[CHECKPOINT_PATH_KEY] = result.checkpoint.path
     _write_json(done, final)
+
+
+def _done_file(sweep: dict, trial_id: str) -> str:
+    return f"{sweep['storage_path'].rstrip('/')}/{sweep['sweep_id']}-train-{trial_id}/{DONE_FILE}"
+
+
+def finished_result(config: dict, trial_id: str) -> dict | None:
+    """The final result a finished trial left beside its checkpoints (with its checkpoint's path), or None."""
+    return _read_json(_done_file(config["sweep"], trial_id))
 
 
 def _read_json(uri: str) -> dict | None:
