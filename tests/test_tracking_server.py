@@ -243,7 +243,7 @@ def test_a_two_worker_sweep_is_recorded_by_a_postgresql_tracking_server(postgres
 
 # The driver's MLflow retry budget in this test: 6 retries with backoff 2 s, 4 s, ... 64 s (about 2 min,
 # MLflow's default 7 retries make about 4 min). A restarted server answers well within it.
-RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}  # about 1 min: the server restarts in seconds
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}  # about 30 s: the server restarts in about 13 s
 
 
 def checkpoints_of(storage: Path, trial_id: str) -> int:
