@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_word_source(word_candidates: str, data: str, attacks: tuple[str, ...]) -> None:
+    """``--word-candidates`` against the other arguments, before any model loads: an MLM folder that exists, and
+    the embedded MLM only where it applies (its problem, named)."""
+    folder = mlm_folder(word_candidates)
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
+    problem = embedded_mlm_problem(word_candidates, data, attacks)
+    if problem:
+        raise UserError(f"--word-candidates: {problem}")
+
+
 def vision_weights_path(checkpoint: str) -> Path:
     """The vision weights file of a checkpoint directory (``vision.safetensors``) or a weights file itself."""
     path = Path(checkpoint).expanduser().resolve()
@@ -168,12 +179,7 @@ def evaluate_retrieval(args: argparse.Namespace) -> int:
     surrogate_weights = vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None
     data_spec = parse_data_spec(args.data)
     output = output_file(args.output) if args.output else None
-    folder = mlm_folder(args.word_candidates)
-    if folder is not None and not folder.is_dir():
-        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
-    mlm_problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
-    if mlm_problem:
-        raise UserError(f"--word-candidates: {mlm_problem}")
+    check_word_source(args.word_candidates, args.data, args.attacks)
 
     model = load_evaluated_model(model_spec, weights, device)
     surrogate = load_evaluated_model(surrogate_spec, surrogate_weights, device) if surrogate_spec else None

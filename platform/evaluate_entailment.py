@@ -20,8 +20,7 @@ import json
 import sys
 
 from platform.cli import output_file
-from platform.evaluate import labelled_rows, load_evaluated_model, vision_weights_path
-from trainables.attacks.word_candidates import embedded_mlm_problem, mlm_folder
+from platform.evaluate import check_word_source, labelled_rows, load_evaluated_model, vision_weights_path
 from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.entailment import LABEL_NAMES, EntailmentItem
 from trainables.device import resolve_device
@@ -55,12 +54,7 @@ def _check_inputs(args: argparse.Namespace):
         raise UserError(f"--task entailment needs entailment pairs, but {args.data!r} is {data_spec.kind} data: "
                         f"use one of {entailment_kinds} (e.g. synthetic-ve:test,n=300)")
     check_entailment_attacks(args.attacks)
-    folder = mlm_folder(args.word_candidates)
-    if folder is not None and not folder.is_dir():
-        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
-    problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
-    if problem:
-        raise UserError(f"--word-candidates: {problem}")
+    check_word_source(args.word_candidates, args.data, args.attacks)
     return (parse_model_spec(args.model), parse_model_spec(args.surrogate) if args.surrogate else None,
             vision_weights_path(args.checkpoint) if args.checkpoint else None,
             vision_weights_path(args.surrogate_checkpoint) if args.surrogate_checkpoint else None, data_spec,

@@ -20,8 +20,8 @@ import sys
 import torch
 
 from platform.cli import attack_names, device_name, eps_list, output_file, parse_assignments, positive_int, run_cli
-from platform.evaluate import word_candidates_arg, load_evaluated_model, vision_weights_path
-from trainables.attacks.word_candidates import EMBEDDED_MLM, WORD_CANDIDATE_FORMS, embedded_mlm_problem, mlm_folder
+from platform.evaluate import check_word_source, load_evaluated_model, vision_weights_path, word_candidates_arg
+from trainables.attacks.word_candidates import EMBEDDED_MLM, WORD_CANDIDATE_FORMS
 from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.entailment import LABELS, EntailmentItem
 from trainables.device import resolve_device
@@ -68,12 +68,7 @@ def _check_inputs(args: argparse.Namespace):
     if UNDEFENDED in encoders:
         raise UserError(f"--encoder {UNDEFENDED}=...: that column is always drawn (the base model); give the fine-tuned encoder another name")
     weights = {name: vision_weights_path(path) for name, path in encoders.items()}
-    folder = mlm_folder(args.word_candidates)
-    if folder is not None and not folder.is_dir():
-        raise UserError(f"--word-candidates: {folder} is not a folder: give a local folder holding a Hugging Face masked LM and its tokenizer")
-    problem = embedded_mlm_problem(args.word_candidates, args.data, args.attacks)
-    if problem:
-        raise UserError(f"--word-candidates: {problem}")
+    check_word_source(args.word_candidates, args.data, args.attacks)
     return parse_model_spec(args.model), weights, data_spec, output_file(args.out, "--out")
 
 

@@ -133,3 +133,15 @@ def write_tiny_albef(directory: Path, variant: str = "retrieval", seed: int = 0)
     vocab_size = len((text_dir / "vocab.txt").read_text(encoding="utf-8").split())
     checkpoint = write_checkpoint(directory / f"albef-{variant}.pth", albef_state(vocab_size, variant, seed))
     return text_dir, checkpoint
+
+
+def write_tiny_albef_ve_spec(directory: Path) -> str:
+    """``albef:TEXT_DIR@CHECKPOINT`` of a random tiny VE model whose text width equals its ViT width, as ALBEF's
+    768/768 (Co-attack and SGA compare the two [CLS] features)."""
+    global HIDDEN
+    saved, HIDDEN = HIDDEN, VIT_WIDTH
+    try:
+        text_dir, checkpoint = write_tiny_albef(directory, variant="ve")
+    finally:
+        HIDDEN = saved
+    return f"albef:{text_dir}@{checkpoint}"

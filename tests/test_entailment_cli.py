@@ -16,10 +16,7 @@ ROW_KEYS = {"attack", "eps", "acc", "correct", "total", "per_class", "threat", "
 
 @pytest.fixture(scope="module")
 def ve_model(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as patch:  # text width = ViT width, as ALBEF's 768/768 (Co-attack compares them)
-        patch.setattr(albef_fakes, "HIDDEN", albef_fakes.VIT_WIDTH)
-        text_dir, checkpoint = write_tiny_albef(tmp_path_factory.mktemp("albef-ve-cli"), variant="ve")
-    return f"albef:{text_dir}@{checkpoint}"
+    return albef_fakes.write_tiny_albef_ve_spec(tmp_path_factory.mktemp("albef-ve-cli"))
 
 
 def test_entailment_evaluation_writes_rows_and_a_table(ve_model, tmp_path, capsys):

@@ -19,10 +19,7 @@ from trainables.models import load_model, parse_model_spec
 
 @pytest.fixture(scope="module")
 def ve_spec(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as patch:  # text width = ViT width, as ALBEF's 768/768 (Co-attack compares them)
-        patch.setattr(albef_fakes, "HIDDEN", albef_fakes.VIT_WIDTH)
-        text_dir, checkpoint = write_tiny_albef(tmp_path_factory.mktemp("gradcam-ve"), variant="ve")
-    return f"albef:{text_dir}@{checkpoint}"
+    return albef_fakes.write_tiny_albef_ve_spec(tmp_path_factory.mktemp("gradcam-ve"))
 
 
 @pytest.fixture(scope="module")
