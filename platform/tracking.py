@@ -254,7 +254,6 @@ class MlflowTrialTracker(Callback):
         self._runs: dict[str, str] = {}
         self._last_epoch: dict[str, int] = {}
         self._last_checkpoint: dict[str, str] = {}
-        self._last_metrics: dict[str, dict[str, float]] = {}
         self._ended: set[str] = set()  # trials whose MLflow run has its final status
 
     @property
@@ -267,7 +266,7 @@ class MlflowTrialTracker(Callback):
         # Tune pickles this callback with the experiment; a restored copy must re-read MLflow
         # (the source of truth) instead of trusting per-trial caches from before the interruption.
         state = dict(self.__dict__)
-        state.update(_client=None, _writer=None, _pending=[], _runs={}, _last_epoch={}, _last_checkpoint={}, _last_metrics={},
+        state.update(_client=None, _writer=None, _pending=[], _runs={}, _last_epoch={}, _last_checkpoint={},
                      _ended=set())
         return state
 
@@ -391,7 +390,6 @@ class MlflowTrialTracker(Callback):
         batch = [Metric(k, v, now, e) for e, values in sorted(epochs.items()) for k, v in values.items() if not k.startswith(FINAL_PREFIX)]
         self.client.log_batch(run_id, metrics=batch + [Metric(EPOCH, e, now, e) for e in sorted(epochs)])
         self._last_epoch[trial.trial_id] = epoch
-        self._last_metrics[trial.trial_id] = metrics
 
     def _record_complete(self, trial: TrialInfo) -> None:
         run_id = self._run_for(trial)
