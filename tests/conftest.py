@@ -71,14 +71,23 @@ def synthetic_test_set():
     return SyntheticWorld("test", 100, image_size=32, seed=0)
 
 
+# Tests that take the session's shared Ray down (they need a Ray of their own) run last: after them, every
+# later user of `ray_session` or `run_sweep` paid for starting Ray again (15-20 s each on 2 cores).
+TAKES_RAY_DOWN = ("tests/test_multinode.py::", "tests/test_sweep.py::test_ray_job_submit_runs_a_sweep_on_a_cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.startswith(TAKES_RAY_DOWN))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance shared by the tests (starting Ray costs seconds); started on first use.
 
     No shutdown here: the job-submit test disconnects it before it starts (and `ray stop
     --force`s) a separate head node, tests/test_multinode.py before it starts a
-    ``ray.cluster_utils.Cluster``, and `run_sweep` starts Ray again if a later test needs
-    it. Ray shuts itself down when the test process exits.
+    ``ray.cluster_utils.Cluster`` (both run last: ``TAKES_RAY_DOWN``), and `run_sweep`
+    starts Ray again if a later test needs it. Ray shuts itself down when the test process exits.
     """
     import ray
 

@@ -1,14 +1,16 @@
-"""Sweeps against a real MLflow tracking server on 127.0.0.1, as a cluster uses one.
+"""A sweep against a real MLflow tracking server on 127.0.0.1, as a cluster uses one.
 
 ``mlflow server --serve-artifacts`` (artifacts proxied over HTTP) over PostgreSQL
 (Debian's server, started here in a temporary data directory on a loopback port, as a
 non-root user): what a cluster runs. The embedded SQLite store is what every other sweep
 test records into; a server over SQLite adds nothing PostgreSQL does not test, so it is
-not run (it took a minute of the suite). Each holds the parent run, every child, per-epoch metrics,
-the safetensors checkpoint and its card, and the registered best model. Trials run two
-DDP workers (``workers_per_trial: 2``). Then the server is killed mid-sweep: a short
-outage is waited out; a long one stops the driver with a message naming the server,
-and ``--resume`` completes the sweep with nothing lost or duplicated.
+not run (it took a minute of the suite). One two-trial sweep of two-DDP-worker trials
+(``workers_per_trial: 2``) runs through the server, which is killed twice: a short outage
+is waited out; a long one stops the driver with a message naming the server, and
+``--resume`` completes the sweep. Then the server holds the parent run, every child,
+each per-epoch metric once, the safetensors checkpoint and its card, and the registered
+best model, and PostgreSQL holds the rows. (One sweep tests both: a separate recorded
+sweep through its own server cost another minute of the suite.)
 """
 
 from __future__ import annotations
@@ -36,9 +38,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from platform.sweep import run_sweep
-from platform.sweep_spec import parse_sweep_spec
-from platform.tracking import ROLE_TAG, SWEEP_TAG, sha256_of
+from platform.tracking import ROLE_TAG, sha256_of
 from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
 from test_reliability import Driver, epoch_steps, ray_train_workers, tiny_sweep, trial_runs, wait_for
 
@@ -164,97 +164,90 @@ def serve(backend_uri: str, folder: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A sweep with two-worker trials, recorded through the server
+# What a sweep through the server must hold: parent, children, per-epoch metrics, the checkpoint and
+# its card behind the server's artifact proxy, the registered best; and PostgreSQL holds the rows
 # ---------------------------------------------------------------------------------------------
-
-
-def server_sweep(weights, name: str, epochs: int = 1, **search) -> dict:
-    data = tiny_sweep(weights, name, epochs=epochs, **search)
-    data["experiment"]["batch_size"] = BATCH
-    data["resources"].update(workers_per_trial=WORKERS, cpus_per_worker=0.5)
-    return data
-
-
-def check_recorded(client: MlflowClient, summary: dict, name: str, epochs: int, served: Path) -> None:
-    """Parent, child, per-epoch metrics, checkpoint + card (through the server's artifact proxy), registered best."""
-    parent = client.get_run(summary["parent_run_id"])
-    assert parent.data.tags[ROLE_TAG] == "sweep" and parent.info.status == "FINISHED"
-    [child] = [r for r in trial_runs(client, name) if r.data.tags[SWEEP_TAG] == summary["sweep_id"]]
-    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert child.data.params["batch_size"] == str(BATCH) and child.data.params[EFFECTIVE_BATCH_SIZE] == str(BATCH * WORKERS)
-    for metric in (EPOCH, "train/loss", "train/l_cms"):
-        assert epoch_steps(client, child.info.run_id, metric) == list(range(1, epochs + 1)), metric
-    assert epoch_steps(client, child.info.run_id, "pgd/eps4/tr1") == [epochs]
-    assert child.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server, not a path of this machine
-    local = Path(client.download_artifacts(child.info.run_id, "checkpoint", str(served.parent / f"download-{child.info.run_id}")))
-    card = json.loads((local / "card.json").read_text())
-    assert card["sha256"] == sha256_of(local / "vision.safetensors")
-    assert list(served.rglob(f"{child.info.run_id}/artifacts/checkpoint/vision.safetensors"))  # stored where the server keeps them
-    version = client.get_model_version_by_alias(f"{name}-robust-vision", "best")
-    assert version.run_id == child.info.run_id == summary["registered"]["run_id"]
-
-
-def run_watching_workers(spec, uri: str, storage: Path) -> tuple[dict, int]:
-    """``run_sweep`` in this process; returns its summary and the most Ray Train workers seen at once."""
-    most, done = [0], threading.Event()
-
-    def count():
-        while not done.is_set():
-            most[0] = max(most[0], len(ray_train_workers(psutil.Process())))
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=count, daemon=True)
-    watcher.start()
-    try:
-        summary = run_sweep(spec, tracking_uri=uri, storage_path=str(storage))
-    finally:
-        done.set()
-        watcher.join(timeout=10)
-    return summary, most[0]
-
-
-def test_a_two_worker_sweep_is_recorded_by_a_postgresql_tracking_server(postgres, ray_session, random_tiny_clip_weights, tmp_path):
-    backend_uri = postgres("server_sweep")
-    server = serve(backend_uri, tmp_path)
-    try:
-        name = "served-postgresql"
-        spec = parse_sweep_spec(server_sweep(random_tiny_clip_weights, name), f"{name}.yaml")
-        summary, workers = run_watching_workers(spec, server.uri, tmp_path / "ray")
-        assert workers == WORKERS  # the trial really trained on two DDP workers
-        check_recorded(MlflowClient(server.uri), summary, name, 1, server.artifacts)
-    finally:
-        server.stop()
-    # The records are in PostgreSQL itself, not in a file beside the server.
-    import psycopg2
-
-    with psycopg2.connect(backend_uri.replace("+psycopg2", "")) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM runs WHERE run_uuid IN (%s, %s)", (summary["parent_run_id"], summary["registered"]["run_id"]))
-        assert cursor.fetchone()[0] == 2
-        cursor.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = %s", (summary["registered"]["run_id"], EPOCH))
-        assert cursor.fetchone()[0] == 1
-        cursor.execute("SELECT count(*) FROM model_versions WHERE run_id = %s", (summary["registered"]["run_id"],))
-        assert cursor.fetchone()[0] == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# The tracking server killed mid-sweep: a short outage is waited out, a long one stops the driver
-# with a message naming the server, and --resume completes the sweep with nothing lost or repeated
-# ---------------------------------------------------------------------------------------------
-
-# The driver's MLflow retry budget in this test: 4 retries with backoff 2 s, 4 s, 8 s, 16 s (about 30 s;
-# MLflow's default 7 retries make about 4 min). A restarted server answered in about 13 s on an idle machine.
-RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}  # about 30 s: the server restarts in about 13 s
 
 
 def checkpoints_of(storage: Path, trial_id: str) -> int:
     return len(list(storage.glob(f"*-train-{trial_id}/checkpoint_*")))
 
 
+class WorkerWatch:
+    """The most Ray Train workers seen at once under a driver process (polled every 0.5 s until stopped)."""
+
+    def __init__(self, driver: Driver):
+        self.most, self._done = 0, threading.Event()
+        root = psutil.Process(driver.process.pid)
+
+        def count():
+            while not self._done.is_set():
+                try:
+                    self.most = max(self.most, len(ray_train_workers(root)))
+                except psutil.NoSuchProcess:  # the driver ended
+                    return
+                time.sleep(0.5)
+
+        self._thread = threading.Thread(target=count, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join(timeout=10)
+        return self.most
+
+
+def check_served(client: MlflowClient, runs: list, name: str, epochs: int, served: Path) -> None:
+    """Every child's settings, per-epoch metrics and checkpoint (through the server's artifact proxy); the registered best."""
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["batch_size"] == str(BATCH) and run.data.params[EFFECTIVE_BATCH_SIZE] == str(BATCH * WORKERS)
+        for metric in (EPOCH, "train/loss", "train/l_cms"):
+            assert epoch_steps(client, run.info.run_id, metric) == list(range(1, epochs + 1)), (run.info.run_id, metric)
+        assert epoch_steps(client, run.info.run_id, "pgd/eps4/tr1") == [epochs]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
+            "checkpoint/card.json", "checkpoint/eval_ranks.parquet", "checkpoint/vision.safetensors"]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server, not a path of this machine
+    best = client.get_model_version_by_alias(f"{name}-robust-vision", "best")
+    assert best.run_id in {r.info.run_id for r in runs}
+    local = Path(client.download_artifacts(best.run_id, "checkpoint", str(served.parent / f"download-{best.run_id}")))
+    card = json.loads((local / "card.json").read_text())
+    assert card["sha256"] == sha256_of(local / "vision.safetensors")
+    assert list(served.rglob(f"{best.run_id}/artifacts/checkpoint/vision.safetensors"))  # stored where the server keeps them
+
+
+def check_postgresql(backend_uri: str, parent, runs: list, epochs: int) -> None:
+    """The records are in PostgreSQL itself, not in a file beside the server: each epoch once, one model version."""
+    import psycopg2
+
+    ids = tuple(r.info.run_id for r in runs)
+    with psycopg2.connect(backend_uri.replace("+psycopg2", "")) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM runs WHERE run_uuid IN %s AND status = 'FINISHED'", ((parent.info.run_id, *ids),))
+        assert cursor.fetchone()[0] == 1 + len(ids)
+        cursor.execute("SELECT run_uuid, count(*) FROM metrics WHERE run_uuid IN %s AND key = %s GROUP BY run_uuid", (ids, EPOCH))
+        assert dict(cursor.fetchall()) == {run_id: epochs for run_id in ids}
+        cursor.execute("SELECT count(*) FROM model_versions WHERE run_id IN %s", (ids,))
+        assert cursor.fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep of two-worker trials through a server on PostgreSQL, the server killed mid-sweep: a short
+# outage is waited out, a long one stops the driver with a message naming the server, and --resume
+# completes the sweep with nothing lost or repeated
+# ---------------------------------------------------------------------------------------------
+
+# The driver's MLflow retry budget in this test: 4 retries with backoff 2 s, 4 s, 8 s, 16 s (about 30 s;
+# MLflow's default 7 retries make about 4 min). A restarted server answered in about 13 s on an idle machine.
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
+
+
 def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_nothing(postgres, random_tiny_clip_weights, tmp_path, monkeypatch):
-    server = serve(postgres("outage"), tmp_path)
+    backend_uri = postgres("outage")
+    server = serve(backend_uri, tmp_path)
     epochs = 3
     data = tiny_sweep(random_tiny_clip_weights, "outage", epochs=epochs, num_trials=2)  # one trial at a time
-    data["experiment"].update(train_data="synthetic:train,n=36", pgd_steps=3)  # epochs of a few seconds
+    data["experiment"].update(train_data="synthetic:train,n=36", pgd_steps=3, batch_size=BATCH)  # epochs of a few seconds
+    data["resources"].update(workers_per_trial=WORKERS, cpus_per_worker=0.5)  # two DDP workers, as a cluster trains
     data["tracking"] = {"uri": server.uri}
     data["storage"] = {"path": str(tmp_path / "ray")}
     sweep_file = tmp_path / "outage.yaml"
@@ -267,6 +260,7 @@ def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_noth
     try:
         driver = Driver("--space", str(sweep_file))
         drivers.append(driver)
+        watch = WorkerWatch(driver)
         # 1. A short outage: killed after the first trial's first epoch reached MLflow, restarted once the trial has
         #    trained on (its next epoch's checkpoint: Tune is not held up by the writes waiting for the server).
         [first] = wait_for(lambda: [r for r in trial_runs(client, "outage") if epoch_steps(client, r.info.run_id)], "a first epoch in MLflow")
@@ -297,17 +291,13 @@ def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_noth
         resumed = Driver("--space", str(sweep_file), "--resume", message.group(1))
         drivers.append(resumed)
         assert resumed.wait() == 0, resumed.output[-4000:]
+        assert watch.stop() == WORKERS  # the trials really trained on two DDP workers
         runs = trial_runs(client, "outage")
         assert sorted(r.info.run_id for r in runs) == sorted([first.info.run_id, second.info.run_id])
-        for run in runs:
-            assert run.info.status == "FINISHED"
-            for metric in (EPOCH, "train/loss"):
-                assert epoch_steps(client, run.info.run_id, metric) == list(range(1, epochs + 1)), (run.info.run_id, metric)
-            assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
-                "checkpoint/card.json", "checkpoint/eval_ranks.parquet", "checkpoint/vision.safetensors"]
-        parents = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
-        assert [p.info.status for p in parents] == ["FINISHED"]
-        assert client.get_model_version_by_alias("outage-robust-vision", "best").run_id in {first.info.run_id, second.info.run_id}
+        [parent] = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+        assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+        check_served(client, runs, "outage", epochs, server.artifacts)
+        check_postgresql(backend_uri, parent, runs, epochs)
     finally:
         for running in drivers:  # a failed check must not leave a sweep running
             if running.process.poll() is None:
