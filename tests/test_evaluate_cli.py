@@ -1,7 +1,9 @@
 """``python -m platform.evaluate``: end to end on the embedded default, and one clear message per bad input.
 
-Run as users run it (a subprocess in the repository root), so the ``platform``
-package shim, argparse and the exit codes are exercised for real.
+The end-to-end runs are run as users run them (a subprocess in the repository root), so
+the ``platform`` package shim, argparse and the exit codes are exercised for real. The bad
+inputs go through the same ``run_cli(main)`` in this process: a subprocess each cost 8 s of
+imports and tested nothing more (tests/test_bad_input.py checks the terminal of a real one).
 """
 
 from __future__ import annotations
@@ -69,11 +71,15 @@ def test_evaluate_loads_a_checkpoint_and_labels_transfer(tmp_path, pretrained_ti
     ],
     ids=["unknown-attack", "eps-too-large", "eps-zero", "missing-surrogate", "missing-checkpoint", "unknown-model"],
 )
-def test_bad_input_gives_one_clear_message_and_exit_code_2(arguments, message):
+def test_bad_input_gives_one_clear_message_and_exit_code_2(arguments, message, capsys):
+    from platform.cli import run_cli
+    from platform.evaluate import main
+
     defaults = {"--model": "tiny-clip", "--data": "synthetic:test,n=4", "--attacks": "pgd", "--eps": "2/255"}
     given = dict(zip(arguments[::2], arguments[1::2]))
     command = [part for key, value in {**defaults, **given}.items() for part in (key, value)] + ["--no-progress", "--no-checks"]
-    result = run_evaluate(*command)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: main(command))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr
+    assert message in stderr and stderr.count("error: ") == 1, stderr

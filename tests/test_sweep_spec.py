@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -124,12 +122,18 @@ def test_shipped_sweep_files_are_valid():
         load_sweep_spec(path, {**model, "experiment.train_data": "synthetic:train", "experiment.eval_data": eval_data})
 
 
-def test_the_command_line_prints_one_message_and_exits_2(tmp_path):
+def test_the_command_line_prints_one_message_and_exits_2(tmp_path, capsys):
+    """Through the command's own ``run_cli(main)`` in this process (tests/test_bad_input.py runs real subprocesses)."""
+    from platform.cli import run_cli
+    from platform.sweep import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(textwrap.dedent(yaml.safe_dump(with_change("search.algorithm", "bayes"))))
-    result = subprocess.run([sys.executable, "-m", "platform.sweep", "--space", str(bad)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert "search.algorithm" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: main(["--space", str(bad)]))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "search.algorithm" in stderr and stderr.count("error: ") == 1, stderr
 
 
 # ---- one schema: experiment: is TrainConfig, space: entries obey their field's type ----------------------
