@@ -24,6 +24,7 @@ td.text { text-align: left; } td.path { text-align: left; font-family: monospace
 td.best { font-weight: bold; background: #e6f4e6; }
 figure { margin: 12px 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption, .note { font-size: 12px; color: #555; }
+.group-note { font-weight: normal; font-size: 11px; color: #555; white-space: normal; }
 .reason { background: #fff7e0; border-left: 4px solid #e0a800; padding: 6px 10px; font-size: 13px; }
 nav a { margin-right: 14px; } code { font-size: 12px; }
 """
@@ -73,8 +74,12 @@ def best_values(columns: list[str], rows: list[dict]) -> dict[str, float]:
     return best
 
 
-def metric_header(metric_columns: list[str]) -> tuple[str, str]:
-    """Two header rows, paper style: ``clean`` / ``pgd eps4`` spanning their ``TR@1 IR@1`` (or ``BLEU-4 ... CIDEr``) columns."""
+def metric_header(metric_columns: list[str], group_notes: dict[str, str] | None = None) -> tuple[str, str]:
+    """Two header rows, paper style: ``clean`` / ``pgd eps4`` spanning their ``TR@1 IR@1`` (or ``BLEU-4 ... CIDEr``) columns.
+
+    ``group_notes`` maps a group's prefix (``pgd/eps4``) to a line printed under its label: its threat model and scoring.
+    """
+    group_notes = group_notes or {}
     groups: list[tuple[str, list[str]]] = []
     for column in metric_columns:
         prefix, key = column.rsplit("/", 1)
@@ -82,9 +87,14 @@ def metric_header(metric_columns: list[str]) -> tuple[str, str]:
             groups[-1][1].append(key)
         else:
             groups.append((prefix, [key]))
-    top = "".join(f'<th colspan="{len(keys)}">{escape(_attack_label(prefix))}</th>' for prefix, keys in groups)
+    top = "".join(f'<th colspan="{len(keys)}">{escape(_attack_label(prefix))}{_group_note(group_notes.get(prefix))}</th>'
+                  for prefix, keys in groups)
     bottom = "".join(f"<th>{escape(_key_label(key))}</th>" for _, keys in groups for key in keys)
     return top, bottom
+
+
+def _group_note(note: str | None) -> str:
+    return f'<br><span class="group-note">{escape(note)}</span>' if note else ""
 
 
 def _key_label(key: str) -> str:
@@ -100,14 +110,15 @@ def _attack_label(prefix: str) -> str:
     return f"{attack} eps {eps}/255"
 
 
-def paper_table_html(text_columns: list[str], metric_columns: list[str], tail_columns: list[str], rows: list[dict]) -> str:
-    """Rows model × defense × eps; the best mean of each metric column in bold (class ``best``).
+def paper_table_html(text_columns: list[str], metric_columns: list[str], tail_columns: list[str], rows: list[dict],
+                     group_notes: dict[str, str] | None = None) -> str:
+    """Rows model × defense × eps; the best mean of each metric column in bold (class ``best``); ``group_notes``: see metric_header.
 
     A metric cell reads ``mean ± std [low, high]`` when the row has a ``spread`` for it
     (``platform.seed_spread``: the seeds' standard deviation, the bootstrap 95% interval over test images).
     """
     best = best_values(metric_columns, rows)
-    top, bottom = metric_header(metric_columns)
+    top, bottom = metric_header(metric_columns, group_notes)
     head = "".join(f'<th rowspan="2">{escape(c)}</th>' for c in text_columns)
     tail = "".join(f'<th rowspan="2">{escape(c)}</th>' for c in tail_columns)
     lines = [f'<table class="paper"><thead><tr>{head}{top}{tail}</tr><tr>{bottom}</tr></thead><tbody>']

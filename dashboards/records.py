@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from platform.compare import CAPTION_RANK, GROUP_TAGS, caption_columns, find_experiment, is_caption_metric, recall_columns
 from trainables.errors import UserError
 from trainables.names import (CHECKPOINT_ARTIFACT_DIR, CLEAN, FAILURE_TAG, GRADNORM_KEYS, LOSS_KEYS, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL,
-                              STATUS_FINISHED, SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, train_metric)
+                              SCORING_TAG, STATUS_FINISHED, SWEEP_TAG, TASK_TAG, TRIAL_TAG, VISION_FILE, train_metric)
 from trainables.tasks import Task, task_of_metrics
 
 MAX_RUNS = 5000  # one search page; far above any sweep this platform runs
@@ -57,6 +57,7 @@ class Trial:
     failure: str | None = None  # last line of why the trial failed (the error itself), as the sweep tagged it
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
     task: Task = Task.RETRIEVAL  # as tagged (mava.task); runs recorded before the tag: the task of their metrics
+    scoring: str | None = None  # how recall ranked candidates (mava.scoring: itc, itc+itm@128 ...), as tagged
 
     @property
     def group(self) -> tuple[str, str]:
@@ -135,7 +136,7 @@ def _trial(client: MlflowClient, run: Run) -> Trial:
     return Trial(run.info.run_id, run.info.run_name or run.info.run_id, tags.get(SWEEP_TAG, "?"), tags.get(TRIAL_TAG, "?"),
                  run.info.status, model, defense, eps, dict(run.data.params), dict(run.data.metrics),
                  _checkpoint_uri(client, run), _last_line(tags.get(FAILURE_TAG)), history,
-                 Task(tags[TASK_TAG]) if TASK_TAG in tags else task_of_metrics(set(run.data.metrics)))
+                 Task(tags[TASK_TAG]) if TASK_TAG in tags else task_of_metrics(set(run.data.metrics)), tags.get(SCORING_TAG))
 
 
 def _last_line(text: str | None) -> str | None:

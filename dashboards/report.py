@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dashboards import figures, page
+from dashboards.column_notes import SCORING_COLUMN, group_notes
 from dashboards.examples_section import examples_section
 from dashboards.grids import grids_section
 from dashboards.page import FigureFile
@@ -54,19 +55,26 @@ def paper_section(client: MlflowClient, records: ExperimentRecords, robust: str 
         return page.reason_html("no trial has finished yet, so there is no final row per model × defense × eps; "
                                 "the trials table below lists the runs and their status")
     columns, rows = comparison_rows(client, records.name, rank_by=robust)
-    checkpoints = {t.run_id: t.checkpoint for t in records.trials}
+    trials = {t.run_id: t for t in records.trials}
     for row in rows:
         row["model"] = figures.short_model(row["model"])
-        row["checkpoint"] = checkpoints.get(row["run_id"])
+        row["checkpoint"] = trials[row["run_id"]].checkpoint
+        row[SCORING_COLUMN] = trials[row["run_id"]].scoring
     metrics = [c for c in columns if c not in TEXT_COLUMNS and c not in TAIL_COLUMNS]
+    best_runs = [trials[row["run_id"]] for row in rows]
+    notes = group_notes(metrics, {t.params["word_candidates"] for t in best_runs if "word_candidates" in t.params},
+                        {t.scoring for t in best_runs if t.scoring})
+    text_columns = TEXT_COLUMNS + ([SCORING_COLUMN] if any(t.scoring for t in best_runs) else [])
     ranked = robust or "the last robust TR@1 column"
     if any(is_caption_metric(m) for m in metrics) and ranked != CAPTION_RANK:
         ranked += f" (a row that does not record it: by {CAPTION_RANK} for a captioner, the last robust TR@1 column otherwise)"
     return (page.note_html(f"Each row is the best configuration of its model × defense × training eps by {ranked} (its finished "
                            "trials that differ only in seed, ranked by their mean); a cell reads mean ± standard deviation over "
                            "the seeds, then [the bootstrap 95% interval over test images] for TR@1/IR@1 (1000 resamples of the "
-                           "images, a caption with its image; docs/dashboards.md); the best mean of each column is in bold.")
-            + page.paper_table_html(TEXT_COLUMNS, metrics, TAIL_COLUMNS, rows))
+                           "images, a caption with its image; docs/dashboards.md); the best mean of each column is in bold. "
+                           "Under each column group: its threat model (every evaluation attacks the row's own encoder, "
+                           "white-box) and, for recall, how candidates were scored.")
+            + page.paper_table_html(text_columns, metrics, TAIL_COLUMNS, rows, notes))
 
 
 def trials_section(records: ExperimentRecords, robust: str | None) -> str:

@@ -337,3 +337,25 @@ def test_an_empty_or_missing_experiment_exits_2_with_one_message_and_no_tracebac
         errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and all(part in errors[0] for part in cases[name][1]), (name, stderr)
         assert not (tmp_path / f"{name}.html").exists()
+
+
+def test_each_column_group_states_its_threat_model_and_scoring(fake_sweeps_store, tmp_path):
+    html = build_report(MlflowClient(fake_sweeps_store), "mixed", fake_sweeps_store, tmp_path / "r.html").html_path.read_text()
+    header = re.search(r'<table class="paper"><thead>(.*?)</thead>', html, re.S).group(1)
+    notes = dict(re.findall(r'<th colspan="\d+">([^<]+)<br><span class="group-note">([^<]+)</span></th>', header))
+    # The tiny-CLIP retrieval rows rank by cosine; the captioner's caption metrics have no scoring.
+    assert notes["clean"] == "no attack; scoring: itc"
+    assert notes["pgd eps 4/255"] == "white-box on the row&#x27;s encoder; image ℓ∞ ≤ 4/255, text untouched; scoring: itc"
+    assert '<th rowspan="2">scoring</th>' in header
+    rows = tables_of(html)["paper"]
+    assert sorted(cells[5][0] for cells in rows if cells) == ["-", "-", "itc"]  # the captioner rows (2 eps), the retrieval row
+
+
+def test_a_multimodal_group_names_its_word_source_and_mixed_scorings_point_to_the_column():
+    from dashboards.column_notes import group_notes
+
+    notes = group_notes(["clean/tr1", "sga/eps2/tr1", "sga/eps2/ir1", "clean/acc"], {"mlm:/models/bert-base-uncased", "tiny-mlm"},
+                        {"itc", "itc+itm@128"})
+    assert notes == {"clean": "no attack; scoring: per row (the scoring column)",
+                     "sga/eps2": "white-box on the row's encoder; image ℓ∞ ≤ 2/255 + caption words from mlm:bert-base-uncased, "
+                                 "tiny-mlm; scoring: per row (the scoring column)"}

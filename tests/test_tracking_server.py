@@ -1,16 +1,19 @@
-"""A sweep against a real MLflow tracking server on 127.0.0.1, as a cluster uses one.
+"""Sweeps against a real MLflow tracking server on 127.0.0.1, as a cluster uses one.
 
-``mlflow server --serve-artifacts`` (artifacts proxied over HTTP) over PostgreSQL
-(Debian's server, started here in a temporary data directory on a loopback port, as a
-non-root user): what a cluster runs. The embedded SQLite store is what every other sweep
-test records into; a server over SQLite adds nothing PostgreSQL does not test, so it is
-not run (it took a minute of the suite). One two-trial sweep of two-DDP-worker trials
-(``workers_per_trial: 2``) runs through the server, which is killed twice: a short outage
-is waited out; a long one stops the driver with a message naming the server, and
-``--resume`` completes the sweep. Then the server holds the parent run, every child,
-each per-epoch metric once, the safetensors checkpoint and its card, and the registered
-best model, and PostgreSQL holds the rows. (One sweep tests both: a separate recorded
-sweep through its own server cost another minute of the suite.)
+``mlflow server --serve-artifacts`` (artifacts proxied over HTTP), over SQLite and over
+PostgreSQL (Debian's server, started here in a temporary data directory on a loopback
+port, as a non-root user): what a cluster runs.
+
+- Over SQLite: a one-trial, one-epoch sweep (seconds) is recorded through the server.
+- Over PostgreSQL: one two-trial sweep of two-DDP-worker trials (``workers_per_trial: 2``)
+  runs through the server, which is killed twice: a short outage is waited out; a long one
+  stops the driver with a message naming the server, and ``--resume`` completes the sweep.
+  (One sweep tests both the records and the outage: a separate recorded sweep through its
+  own server cost another minute of the suite.)
+
+Either way the server then holds the parent run, every child, each per-epoch metric once,
+the safetensors checkpoint and its card behind the artifact proxy, and the registered best
+model; PostgreSQL holds the rows.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from platform.sweep import run_sweep
+from platform.sweep_spec import parse_sweep_spec
 from platform.tracking import ROLE_TAG, sha256_of
-from trainables.names import EFFECTIVE_BATCH_SIZE, EPOCH
+from trainables.names import CARD_FILE, EFFECTIVE_BATCH_SIZE, EPOCH, RANKS_FILE, VISION_FILE
 from test_reliability import Driver, epoch_steps, ray_train_workers, tiny_sweep, trial_runs, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a server start, a sweep and its Ray: minutes on a busy machine
@@ -197,23 +202,30 @@ class WorkerWatch:
         return self.most
 
 
-def check_served(client: MlflowClient, runs: list, name: str, epochs: int, served: Path) -> None:
+def check_served(client: MlflowClient, runs: list, name: str, epochs: int, served: Path, workers: int = WORKERS) -> None:
     """Every child's settings, per-epoch metrics and checkpoint (through the server's artifact proxy); the registered best."""
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert run.data.params["batch_size"] == str(BATCH) and run.data.params[EFFECTIVE_BATCH_SIZE] == str(BATCH * WORKERS)
+        assert run.data.params["batch_size"] == str(BATCH) and run.data.params[EFFECTIVE_BATCH_SIZE] == str(BATCH * workers)
         for metric in (EPOCH, "train/loss", "train/l_cms"):
             assert epoch_steps(client, run.info.run_id, metric) == list(range(1, epochs + 1)), (run.info.run_id, metric)
         assert epoch_steps(client, run.info.run_id, "pgd/eps4/tr1") == [epochs]
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == [
-            "checkpoint/card.json", "checkpoint/eval_ranks.parquet", "checkpoint/vision.safetensors"]
+            f"checkpoint/{CARD_FILE}", f"checkpoint/{RANKS_FILE}", f"checkpoint/{VISION_FILE}"]
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server, not a path of this machine
     best = client.get_model_version_by_alias(f"{name}-robust-vision", "best")
     assert best.run_id in {r.info.run_id for r in runs}
     local = Path(client.download_artifacts(best.run_id, "checkpoint", str(served.parent / f"download-{best.run_id}")))
-    card = json.loads((local / "card.json").read_text())
-    assert card["sha256"] == sha256_of(local / "vision.safetensors")
-    assert list(served.rglob(f"{best.run_id}/artifacts/checkpoint/vision.safetensors"))  # stored where the server keeps them
+    card = json.loads((local / CARD_FILE).read_text())
+    assert card["sha256"] == sha256_of(local / VISION_FILE)
+    assert list(served.rglob(f"{best.run_id}/artifacts/checkpoint/{VISION_FILE}"))  # stored where the server keeps them
+
+
+def check_parent(client: MlflowClient, runs: list):
+    """The sweep's parent run: FINISHED, and the parent of every child. Returns it."""
+    [parent] = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    return parent
 
 
 def check_postgresql(backend_uri: str, parent, runs: list, epochs: int) -> None:
@@ -228,6 +240,26 @@ def check_postgresql(backend_uri: str, parent, runs: list, epochs: int) -> None:
         assert dict(cursor.fetchall()) == {run_id: epochs for run_id in ids}
         cursor.execute("SELECT count(*) FROM model_versions WHERE run_id IN %s", (ids,))
         assert cursor.fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep through a server over SQLite: the embedded store's database, served as a cluster serves it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_through_a_server_over_sqlite_is_recorded_behind_its_artifact_proxy(ray_session, random_tiny_clip_weights, tmp_path):
+    server = serve(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
+    try:
+        data = tiny_sweep(random_tiny_clip_weights, "served-sqlite", epochs=1)
+        data["experiment"]["batch_size"] = BATCH
+        summary = run_sweep(parse_sweep_spec(data, "served-sqlite.yaml"), tracking_uri=server.uri, storage_path=str(tmp_path / "ray"))
+        client = MlflowClient(server.uri)
+        runs = trial_runs(client, "served-sqlite")
+        assert [r.info.run_id for r in runs] == [summary["registered"]["run_id"]]
+        assert check_parent(client, runs).info.run_id == summary["parent_run_id"]
+        check_served(client, runs, "served-sqlite", 1, server.artifacts, workers=1)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +326,7 @@ def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_noth
         assert watch.stop() == WORKERS  # the trials really trained on two DDP workers
         runs = trial_runs(client, "outage")
         assert sorted(r.info.run_id for r in runs) == sorted([first.info.run_id, second.info.run_id])
-        [parent] = client.search_runs([runs[0].info.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
-        assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+        parent = check_parent(client, runs)
         check_served(client, runs, "outage", epochs, server.artifacts)
         check_postgresql(backend_uri, parent, runs, epochs)
     finally:
