@@ -228,6 +228,20 @@ def check_parent(client: MlflowClient, runs: list):
     return parent
 
 
+def served_contents(client: MlflowClient, parent, runs: list) -> dict:
+    """The parent, each child's status, settings, per-epoch history and artifacts, and the registered versions (a summary)."""
+    def history(run_id: str, metric: str) -> list:
+        return [(m.step, round(m.value, 4)) for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+    return {"parent": {"run_id": parent.info.run_id, "status": parent.info.status},
+            "children": [{"run_id": r.info.run_id, "status": r.info.status, "parent": r.data.tags["mlflow.parentRunId"],
+                          "params": {k: r.data.params[k] for k in ("batch_size", EFFECTIVE_BATCH_SIZE, "a") if k in r.data.params},
+                          **{metric: history(r.info.run_id, metric) for metric in (EPOCH, "train/loss", "pgd/eps4/tr1")},
+                          "artifacts": [a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")]} for r in runs],
+            "registered": [{"name": v.name, "version": v.version, "run_id": v.run_id, "aliases": list(v.aliases)}
+                           for v in client.search_model_versions("name = 'outage-robust-vision'")]}
+
+
 def check_postgresql(backend_uri: str, parent, runs: list, epochs: int) -> None:
     """The records are in PostgreSQL itself, not in a file beside the server: each epoch once, one model version."""
     import psycopg2
@@ -329,6 +343,8 @@ def test_a_killed_tracking_server_is_waited_for_then_named_and_resume_loses_noth
         parent = check_parent(client, runs)
         check_served(client, runs, "outage", epochs, server.artifacts)
         check_postgresql(backend_uri, parent, runs, epochs)
+        if os.environ.get("MAVA_SCREENSHOT_DIR"):  # what the server holds, for the issue note
+            Path(os.environ["MAVA_SCREENSHOT_DIR"], "postgresql-sweep.json").write_text(json.dumps(served_contents(client, parent, runs), indent=1))
     finally:
         for running in drivers:  # a failed check must not leave a sweep running
             if running.process.poll() is None:
