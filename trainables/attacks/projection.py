@@ -7,13 +7,21 @@ overshoot are stepped back towards ``x`` with ``nextafter``.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
-def representable_eps(eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The largest value of ``dtype`` that is <= eps (``float32(4/255)`` rounds *up* otherwise)."""
+@lru_cache(maxsize=64)
+def representable_eps(eps: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` that is <= eps (``float32(4/255)`` rounds *up* otherwise).
+
+    A Python float, exactly representable in ``dtype``, so arithmetic with a tensor of that
+    dtype uses it unchanged. Not a device tensor: copying one to a GPU on every projection was
+    a host-device synchronisation per PGD step (found by tests/test_gpu.py on an H200).
+    """
     value = torch.tensor(eps, dtype=dtype)
-    return torch.nextafter(value, torch.zeros_like(value)) if float(value) > eps else value
+    return float(torch.nextafter(value, torch.zeros_like(value)) if float(value) > eps else value)
 
 
 CORRECTIONS = 4  # one or two nextafter steps always suffice; bounded for safety
@@ -30,7 +38,7 @@ def project_linf(candidate: torch.Tensor, original: torch.Tensor, eps: float, ea
             tensor: a round changes only entries that overshoot, so rounds after the last
             overshoot are no-ops.
     """
-    eps = representable_eps(eps, candidate.dtype).to(candidate.device)
+    eps = representable_eps(float(eps), candidate.dtype)
     projected = torch.maximum(torch.minimum(candidate, original + eps), original - eps).clamp(0.0, 1.0)
     if early_exit is None:
         early_exit = projected.device.type == "cpu"

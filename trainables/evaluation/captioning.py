@@ -29,13 +29,6 @@ from pathlib import Path
 from typing import Hashable
 
 import torch
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.spice import get_stanford_models as spice_models
-from pycocoevalcap.spice.spice import Spice
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -46,8 +39,6 @@ from trainables.errors import UserError
 from trainables.names import CAPTION_KEYS, CLEAN, metric_name
 from trainables.seeds import EVAL_ATTACK, derive_seed
 
-# The jars SPICE's get_stanford_models() would download into pycocoevalcap/spice/lib.
-_SPICE_JARS = (f"{spice_models.JAR}.jar", f"{spice_models.JAR}-models.jar")
 _SCALE = 100.0
 _JAVA_ERRORS = (OSError, ValueError, subprocess.SubprocessError)
 
@@ -55,9 +46,16 @@ References = dict[Hashable, list[str]]
 Hypotheses = dict[Hashable, list[str]]  # exactly one caption per id
 
 
+# pycocoevalcap is imported where a metric is computed, not with this module: every task imports
+# this module, and a training or attack run (a GPU machine without pycocoevalcap too) never scores captions.
+
+
 def _spice_jars_missing() -> list[str]:
+    """The jars SPICE's get_stanford_models() would download into pycocoevalcap/spice/lib."""
+    from pycocoevalcap.spice import get_stanford_models as spice_models
+
     lib = Path(spice_models.SPICEDIR) / spice_models.SPICELIB
-    return [name for name in _SPICE_JARS if not (lib / name).is_file()]
+    return [name for name in (f"{spice_models.JAR}.jar", f"{spice_models.JAR}-models.jar") if not (lib / name).is_file()]
 
 
 def _simple_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[str]]:
@@ -67,6 +65,8 @@ def _simple_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list
 
 def _tokenize(captions: dict[Hashable, list[str]], java: bool, notes: list[str]) -> dict[Hashable, list[str]]:
     if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
         try:
             return PTBTokenizer().tokenize({key: [{"caption": text} for text in texts] for key, texts in captions.items()})
         except _JAVA_ERRORS as error:
@@ -80,6 +80,8 @@ def _tokenize(captions: dict[Hashable, list[str]], java: bool, notes: list[str])
 
 def _meteor_scores(references: References, runs: dict[Hashable, Hypotheses], notes: list[str]) -> dict[Hashable, float | None]:
     """METEOR of every run from one Java process (it takes ~10 s to start)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
     try:
         meteor = Meteor()
     except _JAVA_ERRORS as error:
@@ -105,6 +107,8 @@ def _spice_scores(references: References, runs: dict[Hashable, Hypotheses], java
         reason = "Java not found" if not java else f"pycocoevalcap/spice/lib lacks {', '.join(missing)} (a download)"
         notes.append(f"SPICE unavailable offline: {reason}; copy Stanford CoreNLP 3.6.0's jars there to enable it")
         return {run: None for run in runs}
+    from pycocoevalcap.spice.spice import Spice
+
     try:
         return {run: _SCALE * float(Spice().compute_score(references, hypotheses)[0]) for run, hypotheses in runs.items()}
     except _JAVA_ERRORS as error:
@@ -129,6 +133,10 @@ def _check_inputs(references: References, hypotheses: Hypotheses) -> None:
 
 def caption_metrics_for_runs(references: References, runs: dict[Hashable, Hypotheses]) -> dict[Hashable, dict]:
     """:func:`caption_metrics` of several hypothesis sets against the same references (one Java start-up)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
     for hypotheses in runs.values():
         _check_inputs(references, hypotheses)
     java = shutil.which("java") is not None
