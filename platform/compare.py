@@ -8,6 +8,8 @@ ROUGE-L, CIDEr (SPICE with its jars) and any attack × eps of them. An experimen
 mixing both has the union of the columns; a row lacks the other kind's cells.
 By default a retrieval group is ranked by the last robust TR@1 column (else clean
 TR@1) and a captioner group by ``clean/cider``, the objective its sweeps optimise.
+``--by PARAM`` splits every group by that param's value: one row per point of a grid
+(``--by N`` for ``ablation-neighbours.yaml``): the TR@1 and IR@1 whose mean the report's grid figure draws.
 A cell is the configuration's mean over its seeds, printed ``mean ± std [low, high]``:
 the standard deviation over seeds (with two seeds or more) and, for recall cells,
 the bootstrap 95% interval over test images from the ranks each trial uploaded
@@ -119,12 +121,14 @@ def find_experiment(client: MlflowClient, experiment_name: str) -> Experiment:
     return experiment
 
 
-def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None) -> tuple[list[str], list[dict]]:
+def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | None = None,
+                    by: str | None = None) -> tuple[list[str], list[dict]]:
     """One row per model × defense × eps: the group's best configuration by :func:`rank_metric`; returns (columns, rows).
 
     A metric cell is the configuration's mean over its seeds; ``row["spread"]`` maps each cell to its
     :class:`~platform.seed_spread.Spread`; ``seeds`` counts the configuration's trials; ``run_id`` is its
-    best seed's run (by the same metric), the checkpoint to use.
+    best seed's run (by the same metric), the checkpoint to use. With ``by`` (a param, e.g. ``N`` of
+    ``ablation-neighbours.yaml``) every value of that param is a group of its own: a grid's points.
     """
     experiment = find_experiment(client, experiment_name)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}' and attributes.status = '{STATUS_FINISHED}'")
@@ -137,21 +141,33 @@ def comparison_rows(client: MlflowClient, experiment_name: str, rank_by: str | N
                                  + entailment_columns(metric_names)))
     robust = [c for c in recall if not c.startswith(f"{CLEAN}/") and c.endswith("/tr1")]
     recall_default = robust[-1] if robust else f"{CLEAN}/tr1"
+    if by is not None and not any(by in run.data.params for run in runs):
+        known = sorted({key for run in runs for key in run.data.params})
+        raise UserError(f"--by {by}: no trial of experiment {experiment_name!r} has a param {by!r}; its trials' params are {', '.join(known)}")
     groups: dict[tuple, list] = {}
     for run in runs:
-        groups.setdefault(tuple(run.data.tags.get(t, "?") for t in GROUP_TAGS), []).append(run)
+        key = tuple(run.data.tags.get(t, "?") for t in GROUP_TAGS) + ((run.data.params.get(by, "-"),) if by else ())
+        groups.setdefault(key, []).append(run)
     rows = []
-    for (model, defense, eps), members in sorted(groups.items()):
+    for key, members in sorted(groups.items(), key=lambda item: tuple(map(_sort_key, item[0]))):
         names = {name for run in members for name in run.data.metrics}
         metric = rank_metric(names, rank_by, recall_default, group_task([run.data.tags for run in members], names))
         configuration = max(configurations(members), key=lambda runs: _or_lowest(seed_mean(runs, metric)))
         best = max(configuration, key=lambda r: r.data.metrics.get(metric, float("-inf")))
-        row = {"model": model, "defense": defense, "eps": eps, "trials": len(members), "seeds": len(configuration)}
+        row = dict(zip(("model", "defense", "eps", by), key)) | {"trials": len(members), "seeds": len(configuration)}
         row.update({c: seed_mean(configuration, c) for c in columns})
         row["run_id"] = best.info.run_id
         row["spread"] = cell_spreads(client, configuration, columns)
         rows.append(row)
-    return ["model", "defense", "eps", "trials", "seeds", *columns, "run_id"], rows
+    return ["model", "defense", "eps", *([by] if by else []), "trials", "seeds", *columns, "run_id"], rows
+
+
+def _sort_key(value: str) -> tuple:
+    """Numbers in numeric order (N = 2 before N = 10), then text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _or_lowest(value: float | None) -> float:
@@ -192,11 +208,13 @@ def main() -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: the embedded store)")
     parser.add_argument("--rank-by", help="metric choosing each group's trial; a group that does not record it falls back to "
                                           "the default: the last robust TR@1 column, or clean/cider for a captioner group")
+    parser.add_argument("--by", metavar="PARAM", help="one row per value of this param (a grid's points, e.g. --by N for "
+                                                       "ablation-neighbours.yaml), each still the mean over its seeds")
     parser.add_argument("--csv", help="also write the table as CSV here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args()
     check_tracking_store(args.tracking_uri)
-    columns, rows = comparison_rows(MlflowClient(args.tracking_uri), args.experiment, args.rank_by)
+    columns, rows = comparison_rows(MlflowClient(args.tracking_uri), args.experiment, args.rank_by, args.by)
     text = markdown(columns, rows)
     print(text)
     if args.markdown:

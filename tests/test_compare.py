@@ -180,3 +180,19 @@ def test_paired_compares_the_configurations_compare_shows_on_the_same_test_image
     assert paired.main() == 0
     printed = capsys.readouterr().out
     assert "A - B = +5.0 points, paired bootstrap 95% [" in printed and "over 20 test images" in printed
+
+
+def test_by_a_param_gives_one_row_per_value_each_the_mean_over_its_seeds(fake_sweeps_store, monkeypatch, capsys):
+    client = MlflowClient(fake_sweeps_store)
+    columns, rows = comparison_rows(client, "seeds", by="lr")
+    assert columns == [*TEXT[:3], "lr", *TEXT[3:], *RECALL, "run_id"]
+    points = {(row["defense"], float(row["lr"])): row for row in rows}
+    assert set(points) == {("mava", 1e-4), ("mava", 1e-3), ("fare", 1e-4)}
+    # MAVA at lr 1e-4 is no longer hidden behind its better 1-seed configuration: s1 and s2's means.
+    low_lr = points[("mava", 1e-4)]
+    assert (low_lr["trials"], low_lr["seeds"], low_lr["clean/tr1"], low_lr["pgd/eps4/tr1"]) == (2, 2, 55.0, 22.5)
+    assert low_lr["spread"]["pgd/eps4/tr1"].std == pytest.approx((2 * 7.5**2) ** 0.5)
+    assert points[("mava", 1e-3)]["pgd/eps4/tr1"] == 25.0 and points[("fare", 1e-4)]["seeds"] == 2
+    monkeypatch.setattr(sys, "argv", ["platform.compare", "--experiment", "seeds", "--tracking-uri", fake_sweeps_store, "--by", "nonsense"])
+    with pytest.raises(UserError, match=r"--by nonsense: no trial of experiment 'seeds' has a param 'nonsense'; its trials' params are .*lr"):
+        compare.main()
