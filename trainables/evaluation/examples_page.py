@@ -22,6 +22,8 @@ ENCODERS = ("undefended", "fine-tuned")
 STYLE = """
 .adv-examples { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 .adv-examples td, .adv-examples th { border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; }
+/* captions read left to right and wrap (the report's numeric tables right-align and never wrap) */
+.adv-examples td { text-align: left; white-space: normal; min-width: 14em; }
 .adv-examples img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
 .adv-examples ol { margin: 0; padding-left: 1.3em; }
 .adv-examples .hit { color: #1a7f37; font-weight: 600; }
