@@ -197,6 +197,12 @@ def step_functions(work: Workload, config: TrainConfig) -> dict[str, Callable[[]
     attack, train = make_encoders(model.vision, model.vision, model.normalize, config)
     captions = work.caption_features[:, : config.M]
     optimizers = {name: build_optimizer(config, model.vision.parameters()) for name in VARIANTS + COUNTED_ONLY}
+    # Every variant steps the same encoder, round after round. At lr 0 the optimiser still does all of its
+    # arithmetic but the weights stay where they started, so every round times the same work on the same
+    # weights; with a real lr, dozens of steps on one batch drove a random ViT-B to a NaN loss (bf16, batch 128, H200).
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
 
     def generator() -> torch.Generator:  # the same draws at every call: every repeat does the same work
         return torch.Generator(device=device).manual_seed(config.seed)

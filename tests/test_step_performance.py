@@ -236,3 +236,15 @@ def test_processes_that_do_not_train_import_no_model_code():
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_step_benchmark_times_every_round_on_the_starting_weights(random_tiny_clip_weights):
+    """The timed steps do the optimiser's work but leave the shared encoder's weights as they were."""
+    model = mava_benchmark.load_benchmark_model(f"tiny-clip@{random_tiny_clip_weights}")
+    work = mava_benchmark.build_workload(model, 4, torch.device("cpu"))
+    functions = mava_benchmark.step_functions(work, TrainConfig(pgd_steps=2, N=2, M=2, lr=0.05))
+    before = {name: p.detach().clone() for name, p in model.vision.named_parameters()}
+    for name in mava_benchmark.VARIANTS:
+        functions[name]()
+        assert all(torch.equal(before[n], p) for n, p in model.vision.named_parameters()), f"{name} moved the weights"
+        assert all(p.grad is not None for p in model.vision.parameters() if p.requires_grad), f"{name} computed no update"
