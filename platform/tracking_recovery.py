@@ -13,6 +13,7 @@ import urllib.request
 from contextlib import contextmanager
 
 import pyarrow.fs
+import requests
 
 from trainables.errors import UserError
 from trainables.names import EPOCH, STATE_FILE
@@ -46,12 +47,26 @@ def tracking_server_outage(tracking_uri: str, sweep_id: str):
     try:
         yield
     except Exception as error:
-        if not tracking_uri.startswith(("http://", "https://")) or _answers(tracking_uri):
+        # A failed connection in the error's chain is an outage even if the server answers again by now (it came
+        # back after MLflow's retries ran out: the writes in between are lost all the same, and --resume restores them).
+        outage = _lost_connection(error) or not _answers(tracking_uri)
+        if not tracking_uri.startswith(("http://", "https://")) or not outage:
             raise  # not an outage: the error is its own message
         reason = " ".join(str(error).split())[:300]
         raise UserError(f"the MLflow tracking server at {tracking_uri} stopped answering during sweep {sweep_id} and did not "
                         f"come back within MLflow's retries ({reason}); what was recorded is kept: start the server again, "
                         f"then continue with --resume {sweep_id}") from None
+
+
+def _lost_connection(error: BaseException | None) -> bool:
+    """Whether a connection failed anywhere in ``error``'s chain (MLflow wraps requests' error in its own)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, requests.exceptions.ConnectionError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _answers(tracking_uri: str) -> bool:
