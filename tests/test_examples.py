@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 from PIL import Image
 
@@ -67,6 +68,34 @@ def test_fusion_model_examples_draw_gradcam_of_the_attacked_image_with_its_first
     fragment = examples_fragment(examples, src=lambda name: name)
     assert f'src="{sga.cam_png}"' in fragment and "GradCAM" in fragment
     assert gradcam_pictures(model, image, ["a red circle"]).shape == image.shape
+
+
+def test_blip_retrieval_examples_draw_gradcam_of_its_itm_cross_attention(tmp_path, synthetic_test_set):
+    from test_real_models import write_blip_dir
+    from transformers import BlipForImageTextRetrieval
+
+    from trainables.errors import UserError
+    from trainables.evaluation.examples import has_gradcam
+    from trainables.evaluation.gradcam import gradcam_map, heat_overlay
+    from trainables.models import load_model
+
+    model = load_model(f"hf-blip-itr:{write_blip_dir(tmp_path / 'blip', BlipForImageTextRetrieval)}").eval()
+    assert has_gradcam(model)
+    image = synthetic_test_set[0].image.unsqueeze(0)
+    logits, attention, mask = model.itm_cross_attention(image, ["a red circle"])
+    assert attention.shape[0] == 1 and attention.shape[-1] == 1 + 16 and mask.shape == attention.shape[:1] + attention.shape[2:3]
+    assert torch.allclose(logits, model.itm_scores(image, ["a red circle"])[0], atol=1e-5)  # the ITM logit retrieval re-ranks with
+    (grad,) = torch.autograd.grad(logits.sum(), attention)
+    assert float(grad.abs().sum()) > 0 and all(p.grad is None for p in model.parameters())
+    examples, pictures = encoder_examples(model, "undefended", synthetic_test_set, ("pgd",), (4 / 255,), count=1, seed=0)
+    assert [x.attack for x in examples] == ["clean", "pgd"]
+    for example in examples:
+        image = pictures[example.png].unsqueeze(0)
+        logits, attention, mask = model.itm_cross_attention(image, [example.captions[0]])
+        expected = heat_overlay(image, gradcam_map(logits, attention, mask, image_size=tuple(image.shape[-2:])))[0]
+        assert torch.allclose(pictures[example.cam_png], expected, atol=1e-5)
+    with pytest.raises(UserError, match="GradCAM layer 5 is not a layer of .*choose one of 0..0"):
+        model.itm_cross_attention(image, ["a red circle"], layer=5)
 
 
 def test_the_page_highlights_replaced_words_and_ticks_own_captions():

@@ -9,10 +9,10 @@ change the image's own captions; those are kept with the words that changed.
 
 Each encoder is attacked white-box with the evaluation's own attack code and settings
 (its own seed stream: the pictures' three images are not an evaluation batch), so an
-example shows the kind of input the robust metric scores. For a fusion model with an ITM
-head (ALBEF, TCL) each image also gets its GradCAM map (the paper's Figure 5): ALBEF's
-GradCAM of the ITM logit of the image with its first caption, as the attack left it, over
-the image. :func:`write_examples`
+example shows the kind of input the robust metric scores. For a model with an ITM head
+(ALBEF, TCL, BLIP's retrieval model) each image also gets its GradCAM map (the paper's
+Figure 5): ALBEF's GradCAM of the ITM logit of the image with its first caption, as the
+attack left it, over the image. :func:`write_examples`
 stores PNGs and a JSON index that :mod:`trainables.evaluation.examples_page` turns into
 a page (an MLflow artifact of every trial, and a section of the sweep report).
 """
@@ -89,7 +89,7 @@ def _png(pixels: torch.Tensor, path: Path) -> None:
 
 
 def has_gradcam(model) -> bool:
-    """Whether the model can draw GradCAM of its ITM logit (an ALBEF/TCL retrieval checkpoint)."""
+    """Whether the model can draw GradCAM of its ITM logit (an ALBEF/TCL retrieval checkpoint, BLIP's retrieval model)."""
     return hasattr(model, "itm_cross_attention") and "itm" in getattr(model, "heads", ())
 
 

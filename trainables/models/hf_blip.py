@@ -74,6 +74,7 @@ class BlipRetrievalVLP(VLPModel):
     family = "blip"
     has_text_encoder = True
     itm_scoring = "itc+itm"  # BLIP's train_retrieval.py: ITC cosine + ITM match logit on the top-k_test
+    heads = frozenset({"itm"})  # transformers' retrieval class always has its ITM head (GradCAM asks)
 
     def __init__(self, blip: BlipForImageTextRetrieval, tokenizer: PreTrainedTokenizerBase, mean, std, spec: str,
                  logit_scale: float = 100.0):
@@ -120,19 +121,49 @@ class BlipRetrievalVLP(VLPModel):
             raise ValueError(f"{image_tokens.shape[0]} images but {len(texts)} texts: ITM scores pairs")
         logits = []
         for start in range(0, len(texts), ITM_PAIR_BATCH):
-            tokens = self._tokenize(texts[start:start + ITM_PAIR_BATCH])
-            input_ids = tokens["input_ids"].clone()
-            if self.itm_first_token is not None:
-                input_ids[:, 0] = self.itm_first_token
-            images = image_tokens[start:start + ITM_PAIR_BATCH]
-            output = self.text_encoder(
-                input_ids=input_ids,
-                attention_mask=tokens["attention_mask"],
-                encoder_hidden_states=images,
-                encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=images.device),
-            )
+            output, _ = self._itm_forward(image_tokens[start:start + ITM_PAIR_BATCH], texts[start:start + ITM_PAIR_BATCH])
             logits.append(self.itm_head(output.last_hidden_state[:, 0])[:, 1])
         return torch.cat(logits)
+
+    def _itm_forward(self, images: torch.Tensor, texts: list[str], output_attentions: bool = False):
+        """(the text encoder's output over ``images``' tokens, the text mask) for pairs (images[p], texts[p])."""
+        tokens = self._tokenize(texts)
+        input_ids = tokens["input_ids"].clone()
+        if self.itm_first_token is not None:
+            input_ids[:, 0] = self.itm_first_token
+        output = self.text_encoder(
+            input_ids=input_ids,
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=images,
+            encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=images.device),
+            output_attentions=output_attentions,
+        )
+        return output, tokens["attention_mask"]
+
+    @property
+    def gradcam_layer(self) -> int:
+        """Layer 8 of BLIP's 12 (where BLIP's GradCAM demo reads cross-attention), scaled to this model's depth."""
+        return (2 * self.text_encoder.config.num_hidden_layers) // 3
+
+    def itm_cross_attention(self, pixels: torch.Tensor, texts: list[str],
+                            layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITM match logits (B,) of pairs (pixels[b], texts[b]) with one layer's cross-attention probabilities.
+
+        The same contract as ALBEF's (``AlbefVLP.itm_cross_attention``): ``(logits, attention
+        (B, heads, L, 1 + patches), text mask (B, L))``, the attention in the logits' graph through
+        image tokens detached from the ViT, so GradCAM's ``torch.autograd.grad`` never reaches a
+        parameter. Every BLIP text layer cross-attends to the image; ``layer`` picks one (None:
+        :attr:`gradcam_layer`).
+        """
+        layers = self.text_encoder.config.num_hidden_layers
+        layer = self.gradcam_layer if layer is None else layer
+        if not 0 <= layer < layers:
+            raise UserError(f"GradCAM layer {layer} is not a layer of {self.spec}'s text encoder: choose one of 0..{layers - 1}")
+        with torch.enable_grad():
+            images = self.image_tokens(pixels).detach().requires_grad_(True)
+            output, mask = self._itm_forward(images, list(texts), output_attentions=True)
+            logits = self.itm_head(output.last_hidden_state[:, 0])[:, 1]
+        return logits, output.cross_attentions[layer], mask
 
     def itm_scores(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(B_img, B_txt) ITM match logits of every image with every text ([0, 1] pixels)."""
