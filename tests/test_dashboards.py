@@ -359,3 +359,19 @@ def test_a_multimodal_group_names_its_word_source_and_mixed_scorings_point_to_th
     assert notes == {"clean": "no attack; scoring: per row (the scoring column)",
                      "sga/eps2": "white-box on the row's encoder; image ℓ∞ ≤ 2/255 + caption words from mlm:bert-base-uncased, "
                                  "tiny-mlm; scoring: per row (the scoring column)"}
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 20])
+def test_learning_curves_tick_whole_epochs_only(epochs):
+    from dashboards.figures import curves_figure
+    from dashboards.records import Trial
+
+    history = {"train/loss": [(e, 1.0 / e) for e in range(1, epochs + 1)], "clean/tr1": [(e, 40.0 + e) for e in range(1, epochs + 1)]}
+    trial = Trial(run_id="r", run_name="n", sweep_id="s", trial_id="t", status="FINISHED", model="tiny-clip", defense="mava",
+                  eps="2/255", params={}, metrics={}, checkpoint=None, history=history)
+    figure = curves_figure(trial, ["train/loss"], ["clean/tr1"])
+    figure.canvas.draw()
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # never 1.5, nor 0.96 .. 1.04 around one epoch
