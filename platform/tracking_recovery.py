@@ -50,8 +50,9 @@ def tracking_server_outage(tracking_uri: str, sweep_id: str):
         # A failed connection in the error's chain is an outage even if the server answers again by now (it came
         # back after MLflow's retries ran out: the writes in between are lost all the same, and --resume restores them).
         remote = tracking_uri.startswith(("http://", "https://"))  # checked first: a local store has no /health to ask
-        if not remote or not (_lost_connection(error) or not _answers(tracking_uri)):
-            raise  # not an outage: the error is its own message
+        outage = remote and (_lost_connection(error) or not _answers(tracking_uri))
+        if not outage:
+            raise  # the error is its own message
         reason = " ".join(str(error).split())[:300]
         raise UserError(f"the MLflow tracking server at {tracking_uri} stopped answering during sweep {sweep_id} and did not "
                         f"come back within MLflow's retries ({reason}); what was recorded is kept: start the server again, "

@@ -121,12 +121,11 @@ class BlipRetrievalVLP(VLPModel):
             raise ValueError(f"{image_tokens.shape[0]} images but {len(texts)} texts: ITM scores pairs")
         logits = []
         for start in range(0, len(texts), ITM_PAIR_BATCH):
-            output, _ = self._itm_forward(image_tokens[start:start + ITM_PAIR_BATCH], texts[start:start + ITM_PAIR_BATCH])
-            logits.append(self.itm_head(output.last_hidden_state[:, 0])[:, 1])
+            logits.append(self._itm_forward(image_tokens[start:start + ITM_PAIR_BATCH], texts[start:start + ITM_PAIR_BATCH])[0])
         return torch.cat(logits)
 
     def _itm_forward(self, images: torch.Tensor, texts: list[str], output_attentions: bool = False):
-        """(the text encoder's output over ``images``' tokens, the text mask) for pairs (images[p], texts[p])."""
+        """(ITM match logits, every layer's cross-attention or None, text mask) of pairs (images[p], texts[p])."""
         tokens = self._tokenize(texts)
         input_ids = tokens["input_ids"].clone()
         if self.itm_first_token is not None:
@@ -138,7 +137,7 @@ class BlipRetrievalVLP(VLPModel):
             encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=images.device),
             output_attentions=output_attentions,
         )
-        return output, tokens["attention_mask"]
+        return self.itm_head(output.last_hidden_state[:, 0])[:, 1], output.cross_attentions, tokens["attention_mask"]
 
     @property
     def gradcam_layer(self) -> int:
@@ -161,9 +160,8 @@ class BlipRetrievalVLP(VLPModel):
             raise UserError(f"GradCAM layer {layer} is not a layer of {self.spec}'s text encoder: choose one of 0..{layers - 1}")
         with torch.enable_grad():
             images = self.image_tokens(pixels).detach().requires_grad_(True)
-            output, mask = self._itm_forward(images, list(texts), output_attentions=True)
-            logits = self.itm_head(output.last_hidden_state[:, 0])[:, 1]
-        return logits, output.cross_attentions[layer], mask
+            logits, attentions, mask = self._itm_forward(images, list(texts), output_attentions=True)
+        return logits, attentions[layer], mask
 
     def itm_scores(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(B_img, B_txt) ITM match logits of every image with every text ([0, 1] pixels)."""
