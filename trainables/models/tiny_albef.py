@@ -45,7 +45,7 @@ from trainables.models.albef import ALBEF_MEAN, ALBEF_STD, AlbefNet, AlbefVLP, l
 from trainables.models.albef_bert import BertConfig
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer, pre_caption
 from trainables.models.albef_vit import VitConfig
-from trainables.models.tiny_clip import cache_dir
+from trainables.models.tiny_clip import cache_dir, first_use_lock
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WEIGHTS_FILE = "weights.safetensors"
@@ -428,13 +428,16 @@ def ensure_pretrained(config: TinyAlbefConfig = TinyAlbefConfig(), force: bool =
     weights = directory / WEIGHTS_FILE
     if weights.is_file() and not force:
         return directory
-    write_text_files(directory, config)
-    started = time.perf_counter()
-    state = pretrain(config, directory, progress=progress)
-    # Write to a temporary name first so a concurrent reader never sees half a file.
-    partial = weights.with_suffix(f".partial-{os.getpid()}")
-    save_file(state, str(partial), metadata={"config": json.dumps(asdict(config)), "pretrain_seconds": f"{time.perf_counter() - started:.1f}"})
-    os.replace(partial, weights)
+    with first_use_lock(weights, f"tiny-{config.objectives}"):
+        if weights.is_file() and not force:  # made while this process waited for the lock
+            return directory
+        write_text_files(directory, config)
+        started = time.perf_counter()
+        state = pretrain(config, directory, progress=progress)
+        # Write to a temporary name first so a reader that takes no lock never sees half a file.
+        partial = weights.with_suffix(f".partial-{os.getpid()}")
+        save_file(state, str(partial), metadata={"config": json.dumps(asdict(config)), "pretrain_seconds": f"{time.perf_counter() - started:.1f}"})
+        os.replace(partial, weights)
     return directory
 
 

@@ -13,13 +13,17 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -73,6 +77,27 @@ def build_tiny_clip(config: TinyClipConfig = TinyClipConfig()) -> CLIP:
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "mava-platform")).expanduser().resolve()
+
+
+@contextmanager
+def first_use_lock(path: Path, name: str) -> Iterator[None]:
+    """Hold ``<path>.lock`` while checking for, and making, the cached model at ``path``.
+
+    Two processes that need a model at once (two sweeps on one machine, or a test session's
+    background pretraining and a test) must not both pretrain it: the second waits, then reads
+    the first one's file. It says why it waits, since pretraining takes minutes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process that is pretraining {name} into {path}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cached_weights_path(config: TinyClipConfig = TinyClipConfig()) -> Path:
@@ -134,13 +159,15 @@ def ensure_pretrained(config: TinyClipConfig = TinyClipConfig(), force: bool = F
     path = cached_weights_path(config)
     if path.is_file() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    state = pretrain(config, progress=progress)
-    # Write to a temporary name first so a concurrent reader never sees half a file.
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    save_file(state, str(partial), metadata={"config": json.dumps(asdict(config)), "pretrain_seconds": f"{time.perf_counter() - started:.1f}"})
-    os.replace(partial, path)
+    with first_use_lock(path, "tiny-clip"):
+        if path.is_file() and not force:  # made while this process waited for the lock
+            return path
+        started = time.perf_counter()
+        state = pretrain(config, progress=progress)
+        # Write to a temporary name first so a reader that takes no lock never sees half a file.
+        partial = path.with_suffix(f".partial-{os.getpid()}")
+        save_file(state, str(partial), metadata={"config": json.dumps(asdict(config)), "pretrain_seconds": f"{time.perf_counter() - started:.1f}"})
+        os.replace(partial, path)
     return path
 
 

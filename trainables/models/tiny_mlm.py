@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainables.models.tiny_clip import cache_dir
+from trainables.models.tiny_clip import cache_dir, first_use_lock
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -165,24 +165,22 @@ def ensure_tiny_mlm(config: TinyMlmConfig = TinyMlmConfig(), force: bool = False
     path = cached_mlm_path(config, captions)
     if (path / "config.json").is_file() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tokenizer = build_vocabulary(captions)
-    model = pretrain(config, captions, tokenizer, progress=progress)
-    # Write a private folder, then rename it into place: a concurrent reader never sees half a
-    # model, and of two concurrent first uses the second rename fails harmlessly.
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial))  # model.safetensors + config.json
-    tokenizer.save_pretrained(str(partial))
-    (partial / "tiny_mlm.json").write_text(json.dumps(
-        {"config": asdict(config), "pretrain_seconds": round(time.perf_counter() - started, 1)}, indent=2))
-    if force and path.exists():
-        shutil.rmtree(path)
-    try:
-        os.rename(partial, path)
-    except OSError:  # another process finished first: its folder is the same model
+    with first_use_lock(path, "tiny-mlm"):
+        if (path / "config.json").is_file() and not force:  # made while this process waited for the lock
+            return path
+        started = time.perf_counter()
+        tokenizer = build_vocabulary(captions)
+        model = pretrain(config, captions, tokenizer, progress=progress)
+        # Write a private folder, then rename it into place: a reader never sees half a model.
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(str(partial))  # model.safetensors + config.json
+        tokenizer.save_pretrained(str(partial))
+        (partial / "tiny_mlm.json").write_text(json.dumps(
+            {"config": asdict(config), "pretrain_seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        if force and path.exists():
+            shutil.rmtree(path)
+        os.rename(partial, path)
     return path
 
 
