@@ -77,8 +77,9 @@ def synthetic_test_set():
     return SyntheticWorld("test", 100, image_size=32, seed=0)
 
 
-# Tests that take the session's shared Ray down (they need a Ray of their own) run last: after them, every
-# later user of `ray_session` or `run_sweep` paid for starting Ray again (15-20 s each on 2 cores).
+# Tests that take the session's shared Ray down (they need a Ray of their own) run after every other test that
+# uses Ray: after them, every later user of `ray_session` or `run_sweep` paid for starting Ray again (15-20 s each
+# on 2 cores), and `ray_session` (set up once) does not start it again.
 TAKES_RAY_DOWN = ("tests/test_multinode.py::", "tests/test_sweep.py::test_ray_job_submit_runs_a_sweep_on_a_cluster")
 
 
@@ -93,15 +94,20 @@ def needs_embedded(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    # stable: within each group the tests keep their order
-    items.sort(key=lambda item: (item.nodeid.startswith(TAKES_RAY_DOWN), needs_embedded(item)))
+    # The rest, then TAKES_RAY_DOWN, then the tests that need the embedded models (they use no Ray; the more
+    # time the background pretraining has, the less they wait). Stable: within each group the order is kept.
+    items.sort(key=lambda item: (needs_embedded(item), item.nodeid.startswith(TAKES_RAY_DOWN)))
 
 
-# One thread: the tests run on the other core meanwhile. Its bytes differ from a 2-thread pretraining's, as any
-# two machines' may (trainables.models.embedded); the tests assert behaviour, not bytes.
+# Lowest priority (nice 19), one thread: it takes only the CPU time the tests leave idle (waits on servers,
+# subprocesses, Ray start-up). At normal priority it took 903 s and slowed the other tests by about 200 s in all.
+# Its bytes differ from a 2-thread pretraining's, as any two machines' may (trainables.models.embedded); the tests
+# assert behaviour, not bytes.
 PRETRAIN_EMBEDDED = """
+import os
 import time
 import torch
+os.nice(19)
 torch.set_num_threads(1)
 from trainables.models.tiny_clip import ensure_pretrained
 from trainables.models.tiny_mlm import ensure_tiny_mlm
