@@ -1,0 +1,65 @@
+"""Which attributes of the synthetic world does a model's image and text feature hold? Linear probes.
+
+    python -m platform.probe --model tiny-clip [--checkpoint RUN/checkpoint] [--train 3000] [--test 1000]
+
+Encodes ``synthetic:train,n=TRAIN`` and ``synthetic:test,n=TEST`` (images: F(v), the feature
+retrieval ranks by and MAVA fine-tunes; text: the first caption template's embedding), fits one
+linear probe per captioned attribute on the training features (trainables/evaluation/probes.py)
+and prints each probe's test accuracy beside chance. A probe at chance means a cosine ranking
+over that feature cannot tell scenes apart by that attribute (docs/models-and-data.md, "What
+the embedded encoders see").
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from platform.cli import positive_int, run_cli
+from platform.evaluate import load_evaluated_model, vision_weights_path
+from trainables.data.synthetic import SyntheticWorld
+from trainables.errors import UserError
+from trainables.evaluation.probes import ATTRIBUTES, probe_attributes
+from trainables.models import parse_model_spec
+
+BATCH = 250
+
+
+@torch.no_grad()
+def encode(model, world: SyntheticWorld) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) image features and (N, D') text features of the first caption of each image."""
+    images = world.images.float().div(255.0)
+    image_features = torch.cat([model.encode_image(images[i:i + BATCH]) for i in range(0, len(world), BATCH)])
+    captions = [group[0] for group in world.captions]
+    text_features = torch.cat([model.encode_text(captions[i:i + BATCH]) for i in range(0, len(world), BATCH)])
+    return image_features.float(), text_features.float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m platform.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model spec with a text encoder, e.g. tiny-clip or tiny-albef")
+    parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
+    parser.add_argument("--train", type=positive_int, default=3000, help="synthetic training scenes the probes are fitted on (default 3000)")
+    parser.add_argument("--test", type=positive_int, default=1000, help="synthetic test scenes they are scored on (default 1000)")
+    args = parser.parse_args(argv)
+    model = load_evaluated_model(parse_model_spec(args.model), vision_weights_path(args.checkpoint) if args.checkpoint else None,
+                                 torch.device("cpu"))
+    if not model.has_text_encoder:
+        raise UserError(f"model {args.model!r} has no text encoder to probe: use a retrieval model (tiny-clip, tiny-albef, ...)")
+    train = SyntheticWorld("train", args.train, image_size=model.image_size, seed=0)
+    test = SyntheticWorld("test", args.test, image_size=model.image_size, seed=0)
+    (train_image, train_text), (test_image, test_text) = encode(model, train), encode(model, test)
+    results = {"image": probe_attributes(train_image, train.scenes, test_image, test.scenes),
+               "text": probe_attributes(train_text, train.scenes, test_text, test.scenes)}
+    print(f"linear probes of {args.model}{' + ' + args.checkpoint if args.checkpoint else ''}: test accuracy % "
+          f"({args.train} training, {args.test} test scenes; chance = the test split's majority class)")
+    print("feature  " + "  ".join(f"{name:>10}" for name in ATTRIBUTES))
+    print("chance   " + "  ".join(f"{results['image'][name].chance:10.1f}" for name in ATTRIBUTES))
+    for side, by_attribute in results.items():
+        print(f"{side:<8} " + "  ".join(f"{by_attribute[name].accuracy:10.1f}" for name in ATTRIBUTES))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
