@@ -48,7 +48,7 @@ from platform.sweep import run_sweep  # noqa: E402
 from platform.sweep_spec import parse_sweep_spec  # noqa: E402
 from trainables.names import EPOCH_SECONDS, FAILURE_TAG, ROLE_TAG, ROLE_TRIAL, SETUP_SECONDS, SWEEP_TAG, TRIAL_TAG  # noqa: E402
 
-TARGET = 1.25  # issue 7
+TARGET = 1.15  # issue 19 (issue 7 asked for 1.25)
 EXPERIMENT = "sweep-overhead"
 
 
