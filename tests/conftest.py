@@ -129,8 +129,8 @@ def pytest_collection_finish(session):
     if not any(needs_embedded(item) for item in session.items) or embedded_models_cached():
         return
     log = tempfile.NamedTemporaryFile("w", prefix="mava-pretraining-", suffix=".log", delete=False)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    BACKGROUND.update(process=subprocess.Popen([sys.executable, "-c", PRETRAIN_EMBEDDED], cwd=REPO_ROOT, env=env,
+    # `python -c` puts its working directory, the repository root, first on sys.path
+    BACKGROUND.update(process=subprocess.Popen([sys.executable, "-c", PRETRAIN_EMBEDDED], cwd=REPO_ROOT,
                                                stdout=log, stderr=subprocess.STDOUT),
                       log=Path(log.name))
     log.close()  # the child holds its own descriptor

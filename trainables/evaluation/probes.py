@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from trainables.data.synthetic import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, SIZES
@@ -38,10 +39,8 @@ def attribute_labels(scenes) -> dict[str, np.ndarray]:
 def probe(train_features: torch.Tensor, train_labels: np.ndarray, test_features: torch.Tensor, test_labels: np.ndarray,
           seed: int = 0) -> ProbeResult:
     """Fit a linear classifier on the (standardised) training features; its accuracy on the test features."""
-    scaler = StandardScaler().fit(train_features.double().numpy())
-    classifier = LogisticRegression(max_iter=2000, random_state=seed)
-    classifier.fit(scaler.transform(train_features.double().numpy()), train_labels)
-    predicted = classifier.predict(scaler.transform(test_features.double().numpy()))
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    predicted = classifier.fit(train_features.double().numpy(), train_labels).predict(test_features.double().numpy())
     majority = np.bincount(test_labels).max()
     return ProbeResult(accuracy=100.0 * float((predicted == test_labels).mean()), chance=100.0 * majority / len(test_labels))
 
