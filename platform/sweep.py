@@ -102,7 +102,7 @@ def check_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: 
         # Pretraining is compute (minutes), not a check: say that the run will do it.
         model_note = f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
     elif spec.experiment.model in EMBEDDED_WEIGHTS and spec.experiment.model != "tiny-clip":
-        # The other embedded models (tiny-albef, tiny-tcl, tiny-albef-ve) are built by the platform, no user file to
+        # The other embedded models (tiny-albef, tiny-tcl, tiny-albef-ve, tiny-tcl-ve) are built by the platform, no user file to
         # check; loading one may mean pretraining it, which is the run's compute, not a check's.
         model_note = f"{spec.experiment.model}, embedded: the run uses its cached weights, pretraining them first if this machine has none"
     else:

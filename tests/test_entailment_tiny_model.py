@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from trainables.models import load_model, model_kind
 from trainables.models.albef import load_albef
 from trainables.models.albef_checkpoint import inference_state
-from trainables.models.tiny_albef_ve import WEIGHTS_FILE, VeRecipe, competence, ensure_finetuned, finetuned_dir
+from trainables.models.tiny_albef_ve import WEIGHTS_FILE, VeRecipe, competence, ensure_finetuned, finetuned_dir, finetuned_weights
 from trainables.tasks import Task
 
 RECIPE = VeRecipe(train_pairs=12, epochs=3, batch_size=12, lr=3e-3)
@@ -58,3 +58,18 @@ def test_new_base_weights_or_recipe_give_a_new_cache_folder(base_dir):
     state["temp"] = state["temp"] + 1
     save_file(state, str(base_dir / WEIGHTS_FILE))
     assert finetuned_dir(base_dir, RECIPE) != before
+
+
+def test_tiny_tcl_ve_is_the_same_recipe_on_the_tcl_base_in_its_own_folder_and_family(base_dir, tmp_path):
+    tcl_base = write_text_dir(tmp_path / "tiny-tcl")
+    state = load_file(str(base_dir / WEIGHTS_FILE))
+    state["temp"] = state["temp"] + 1  # another base model: other bytes
+    save_file(state, str(tcl_base / WEIGHTS_FILE))
+    directory = ensure_finetuned(tcl_base, RECIPE, progress=False, family="tcl")
+    assert directory == finetuned_dir(tcl_base, RECIPE, "tcl") and directory.name.startswith("tiny-tcl-ve-")
+    assert directory.name.split("-")[-1] != finetuned_dir(base_dir, RECIPE).name.split("-")[-1]
+    loaded = load_model(f"tiny-tcl-ve@{directory / WEIGHTS_FILE}")
+    assert loaded.family == "tcl" and loaded.tasks == (Task.ENTAILMENT,) and loaded.heads == {"cls"}
+    assert model_kind("tiny-tcl-ve").family == "tcl"
+    with pytest.raises(ValueError, match="unknown family 'blip'"):
+        finetuned_weights("blip")

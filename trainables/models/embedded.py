@@ -32,8 +32,9 @@ from trainables.models.weights import CONTENT_ADDRESSED, WEIGHT_SUFFIXES, conten
 EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {"tiny-clip": ensure_pretrained,
                                                     "tiny-albef": lambda: pretrained_weights(TinyAlbefConfig()),
                                                     "tiny-tcl": lambda: pretrained_weights(TINY_TCL),
-                                                    # tiny-albef fine-tuned for entailment (trainables.models.tiny_albef_ve)
-                                                    "tiny-albef-ve": finetuned_ve_weights}
+                                                    # tiny-albef/tiny-tcl fine-tuned for entailment (trainables.models.tiny_albef_ve)
+                                                    "tiny-albef-ve": finetuned_ve_weights,
+                                                    "tiny-tcl-ve": lambda: finetuned_ve_weights("tcl")}
 BASE_WEIGHTS_DIR = "base-weights"  # under a sweep's storage folder: the content-addressed base weights
 
 

@@ -1,16 +1,19 @@
-"""``tiny-albef-ve``: the embedded ``tiny-albef`` fine-tuned for visual entailment on ``synthetic-ve:train``.
+"""``tiny-albef-ve`` and ``tiny-tcl-ve``: the embedded ``tiny-albef``/``tiny-tcl`` fine-tuned for visual entailment.
 
 ALBEF's VE fine-tuning (``VE.py``, ``model_ve.py``): a new 3-way head ``cls_head`` (Linear, ReLU,
 Linear) on the fusion ``[CLS]``, trained with cross-entropy together with the whole model (ViT and
 BERT); the ITC/ITM heads of the pretrained file are dropped. The result is written in ALBEF's VE key
 layout (``visual_encoder.*``, ``text_encoder.*``, ``cls_head.*``), so the folder also loads as
-``albef:DIR@DIR/weights.safetensors``. It is cached in ``$MAVA_CACHE_DIR/tiny-albef-ve-<key>/``,
+``albef:DIR@DIR/weights.safetensors``. It is cached in ``$MAVA_CACHE_DIR/tiny-<family>-ve-<key>/``,
 the key a hash of the recipe *and* of the pretrained weights' sha256 (content-addressed: new
-``tiny-albef`` weights give a new folder). Fine-tuning shows a progress bar.
+base weights give a new folder). Fine-tuning shows a progress bar.
 
-Nothing here ever pretrains ``tiny-albef`` unless ``tiny-albef-ve`` itself is asked for without
-weights (then ``tiny_albef.ensure_pretrained`` runs first, as the embedded models do).
-Regenerate with ``python -m trainables.models.tiny_albef_ve``.
+``tiny-tcl-ve`` is the same recipe on ``tiny-tcl``: a second fusion VE model, so the paper's
+entailment transfer table (Table 7: crafted on ALBEF, scored on TCL) has a distinct target.
+
+Nothing here ever pretrains a base unless a VE model is asked for without weights (then
+``tiny_albef.ensure_pretrained`` runs first, as the embedded models do).
+Regenerate with ``python -m trainables.models.tiny_albef_ve [--family tcl]``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from trainables.data.entailment import collate_entailment
 from trainables.data.synthetic_ve import SyntheticEntailment
-from trainables.models.albef import ENTAILMENT_CLASSES, AlbefVLP, build_albef
+from trainables.models.albef import ENTAILMENT_CLASSES, AlbefVLP, TclVLP, build_albef
 from trainables.models.albef_checkpoint import inference_state, read_bert_config
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer
 from trainables.models.tiny_clip import cache_dir
@@ -47,6 +50,17 @@ class TinyAlbefVeVLP(AlbefVLP):
     """The embedded entailment model: ALBEF's adapter whose main task is visual entailment."""
 
     tasks = (Task.ENTAILMENT,)
+
+
+class TinyTclVeVLP(TclVLP):
+    """The embedded TCL entailment model (``tiny-tcl`` fine-tuned by the same recipe): family ``tcl``."""
+
+    tasks = (Task.ENTAILMENT,)
+
+
+# The base each embedded VE model is fine-tuned from, by family (``tiny-<family>-ve``).
+FAMILIES = ("albef", "tcl")
+VE_CLASSES: dict[str, type[AlbefVLP]] = {"albef": TinyAlbefVeVLP, "tcl": TinyTclVeVLP}
 
 
 @dataclass(frozen=True)
@@ -79,12 +93,12 @@ def entailment_state(base: dict[str, torch.Tensor], generator: torch.Generator) 
 
 
 def finetune_entailment(text_dir: Path, base_weights: Path, recipe: VeRecipe, progress: bool = True,
-                        device: str = "cpu") -> tuple[dict[str, torch.Tensor], list[float]]:
+                        device: str = "cpu", name: str = "tiny-albef-ve") -> tuple[dict[str, torch.Tensor], list[float]]:
     """(ALBEF-VE state dict, mean training loss per epoch): cross-entropy of the 3-way head, whole model trained."""
     generator = torch.Generator().manual_seed(recipe.seed)
     state = entailment_state(inference_state(read_state_dict(base_weights)), generator)
     net = build_albef(state, read_bert_config(text_dir), str(base_weights))
-    model = AlbefVLP(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), "tiny-albef-ve").to(device)
+    model = AlbefVLP(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), name).to(device)
     net.requires_grad_(True)  # ALBEF fine-tunes everything for VE (the adapter froze the text side)
     dataset = SyntheticEntailment("train", recipe.train_pairs, image_size=model.image_size, seed=recipe.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate_entailment,
@@ -94,7 +108,7 @@ def finetune_entailment(text_dir: Path, base_weights: Path, recipe: VeRecipe, pr
     model.train()
     for epoch in range(recipe.epochs):
         total, count = 0.0, 0
-        for batch in tqdm(loader, desc=f"tiny-albef-ve epoch {epoch + 1}/{recipe.epochs}", disable=not progress, unit="batch"):
+        for batch in tqdm(loader, desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", disable=not progress, unit="batch"):
             logits = model.entailment_logits(batch.images.to(device), batch.hypotheses)
             loss = F.cross_entropy(logits, batch.labels.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -105,25 +119,30 @@ def finetune_entailment(text_dir: Path, base_weights: Path, recipe: VeRecipe, pr
     return {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}, losses
 
 
-def finetuned_dir(base_dir: Path, recipe: VeRecipe = VeRecipe()) -> Path:
-    """``<cache>/tiny-albef-ve-<key>``, the key from the recipe and the base weights' sha256."""
-    return cache_dir() / f"tiny-albef-ve-{recipe.cache_key(file_sha256(base_dir / WEIGHTS_FILE))}"
+def finetuned_dir(base_dir: Path, recipe: VeRecipe = VeRecipe(), family: str = "albef") -> Path:
+    """``<cache>/tiny-<family>-ve-<key>``, the key from the recipe and the base weights' sha256."""
+    return cache_dir() / f"tiny-{family}-ve-{recipe.cache_key(file_sha256(base_dir / WEIGHTS_FILE))}"
 
 
 def ensure_finetuned(base_dir: Path | None = None, recipe: VeRecipe = VeRecipe(), progress: bool = True,
-                     force: bool = False) -> Path:
-    """The cache folder (text files, VE weights), fine-tuning first if not cached. ``base_dir``: tiny-albef's folder."""
-    if base_dir is None:
-        from trainables.models.tiny_albef import ensure_pretrained  # the embedded base, pretrained on first use
+                     force: bool = False, family: str = "albef") -> Path:
+    """The cache folder (text files, VE weights), fine-tuning first if not cached.
 
-        base_dir = Path(ensure_pretrained())
-    directory = finetuned_dir(base_dir, recipe)
+    ``base_dir``: the base model's folder (default: the cached ``tiny-<family>``, pretrained on first use).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
+    if base_dir is None:
+        from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, ensure_pretrained  # pretrained on first use
+
+        base_dir = Path(ensure_pretrained(TINY_TCL if family == "tcl" else TinyAlbefConfig()))
+    directory = finetuned_dir(base_dir, recipe, family)
     if (directory / WEIGHTS_FILE).is_file() and not force:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     for name in TEXT_FILES:
         (directory / name).write_bytes((base_dir / name).read_bytes())
-    state, losses = finetune_entailment(base_dir, base_dir / WEIGHTS_FILE, recipe, progress)
+    state, losses = finetune_entailment(base_dir, base_dir / WEIGHTS_FILE, recipe, progress, name=f"tiny-{family}-ve")
     partial = directory / f"{WEIGHTS_FILE}.partial-{os.getpid()}"  # a concurrent reader never sees half a file
     save_file(state, str(partial))
     os.replace(partial, directory / WEIGHTS_FILE)
@@ -131,22 +150,23 @@ def ensure_finetuned(base_dir: Path | None = None, recipe: VeRecipe = VeRecipe()
     return directory
 
 
-def finetuned_weights() -> Path:
+def finetuned_weights(family: str = "albef") -> Path:
     """The cached VE weights file (fine-tuned first if missing): what a sweep pins (``embedded.resolve_model``)."""
-    return ensure_finetuned() / WEIGHTS_FILE
+    return ensure_finetuned(family=family) / WEIGHTS_FILE
 
 
-def load_tiny_albef_ve(spec: str, weights: str | None = None) -> TinyAlbefVeVLP:
-    """``tiny-albef-ve`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
-    path = Path(weights) if weights is not None else finetuned_weights()
+def load_tiny_albef_ve(spec: str, weights: str | None = None, family: str = "albef") -> AlbefVLP:
+    """``tiny-<family>-ve`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
+    path = Path(weights) if weights is not None else finetuned_weights(family)
     text_dir = path.parent
     if not all((text_dir / name).is_file() for name in TEXT_FILES):  # e.g. a sweep's content-addressed copy
         from trainables.models.tiny_albef import TinyAlbefConfig, write_text_files
 
-        text_dir = cache_dir() / "tiny-albef-ve-text"  # deterministic files: written, never trained
+        # Deterministic files, written, never trained; tiny-tcl's are the same (one architecture and vocabulary).
+        text_dir = cache_dir() / "tiny-albef-ve-text"
         write_text_files(text_dir, TinyAlbefConfig())
     net = build_albef(inference_state(read_state_dict(path)), read_bert_config(text_dir), str(path))
-    return TinyAlbefVeVLP(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
+    return VE_CLASSES[family](net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
 
 
 def competence(model: AlbefVLP, pairs: int = 300, eps: tuple[float, ...] = (2 / 255, 4 / 255), seed: int = 0) -> list:
@@ -163,13 +183,14 @@ def competence(model: AlbefVLP, pairs: int = 300, eps: tuple[float, ...] = (2 / 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m trainables.models.tiny_albef_ve", description=__doc__)
     parser.add_argument("--force", action="store_true", help="fine-tune again even if cached weights exist")
-    parser.add_argument("--base", help="a tiny-albef folder (vocab.txt, config_bert.json, weights.safetensors); default: the cached tiny-albef")
+    parser.add_argument("--family", choices=FAMILIES, default="albef", help="albef: tiny-albef-ve; tcl: tiny-tcl-ve (fine-tuned from tiny-tcl)")
+    parser.add_argument("--base", help="a tiny-albef/tiny-tcl folder (vocab.txt, config_bert.json, weights.safetensors); default: the cached tiny-<family>")
     parser.add_argument("--evaluate", type=int, metavar="N", help="then print clean and PGD (2/255, 4/255) accuracy on N synthetic-ve test pairs")
     args = parser.parse_args()
-    directory = ensure_finetuned(Path(args.base) if args.base else None, force=args.force)
+    directory = ensure_finetuned(Path(args.base) if args.base else None, force=args.force, family=args.family)
     print(directory)
     if args.evaluate:
-        model = load_tiny_albef_ve("tiny-albef-ve", str(directory / WEIGHTS_FILE))
+        model = load_tiny_albef_ve(f"tiny-{args.family}-ve", str(directory / WEIGHTS_FILE), args.family)
         for row in competence(model, args.evaluate):
             print(f"{row.attack:6} {row.to_json()['eps'] or '-':6} acc {row.accuracy:5.1f} ({row.score.correct}/{row.score.total})"
                   f"  text-only bound 66.7, chance 33.3")
