@@ -11,6 +11,8 @@ evaluation uploaded (``checkpoint/eval_ranks.parquet``; the procedure is in
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -56,9 +58,24 @@ def download_ranks(client: MlflowClient, run: Run) -> dict[tuple[str, float | No
     listed = {item.path for item in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR)}
     if f"{CHECKPOINT_ARTIFACT_DIR}/{RANKS_FILE}" not in listed:
         return None
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
         path = client.download_artifacts(run.info.run_id, f"{CHECKPOINT_ARTIFACT_DIR}/{RANKS_FILE}", folder)
         return read_ranks(Path(path))
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download: one per trial of a sweep's summary, for a file of a few kB."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def ranks_of_cell(ranks: dict[tuple[str, float | None], QueryRanks], attack: str, eps_255: float | None) -> QueryRanks | None:
