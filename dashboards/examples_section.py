@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from dashboards import page
 from dashboards.records import ExperimentRecords, Trial, objective_mode
+from platform.seed_spread import quiet_downloads
 from trainables.evaluation.examples import INDEX_FILE, read_examples
 from trainables.evaluation.examples_page import STYLE, examples_fragment
 from trainables.names import EXAMPLES_ARTIFACT_DIR
@@ -48,7 +49,8 @@ def trial_examples_html(client: MlflowClient, trial: Trial, embed: EmbedPng) -> 
     """The trial's examples as an HTML fragment, or None when it logged none."""
     with tempfile.TemporaryDirectory() as folder:
         try:
-            local = Path(client.download_artifacts(trial.run_id, EXAMPLES_ARTIFACT_DIR, folder))
+            with quiet_downloads():
+                local = Path(client.download_artifacts(trial.run_id, EXAMPLES_ARTIFACT_DIR, folder))
         except (MlflowException, OSError):
             return None  # a trial from before the pictures existed, or one with examples: 0
         if not (local / INDEX_FILE).is_file():

@@ -58,14 +58,14 @@ def download_ranks(client: MlflowClient, run: Run) -> dict[tuple[str, float | No
     listed = {item.path for item in client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR)}
     if f"{CHECKPOINT_ARTIFACT_DIR}/{RANKS_FILE}" not in listed:
         return None
-    with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
+    with tempfile.TemporaryDirectory() as folder, quiet_downloads():
         path = client.download_artifacts(run.info.run_id, f"{CHECKPOINT_ARTIFACT_DIR}/{RANKS_FILE}", folder)
         return read_ranks(Path(path))
 
 
 @contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a progress bar per download: one per trial of a sweep's summary, for a file of a few kB."""
+def quiet_downloads():
+    """No MLflow progress bar: it draws one per download, i.e. per trial of a sweep's summary or report, for a few kB."""
     name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(name)
     os.environ[name] = "false"

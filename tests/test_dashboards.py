@@ -190,7 +190,8 @@ def report(sweep_store) -> dict:
     out = sweep_store["root"] / "site" / "report.html"
     result = subprocess.run(report_command(sweep_store["uri"], EXPERIMENT, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return {**sweep_store, "out": out, "html": out.read_text(encoding="utf-8"), "files": sorted((out.parent / "report_files").glob("*.png"))}
+    return {**sweep_store, "out": out, "html": out.read_text(encoding="utf-8"), "files": sorted((out.parent / "report_files").glob("*.png")),
+            "printed": result.stdout + result.stderr}
 
 
 class Tables(HTMLParser):
@@ -283,6 +284,7 @@ def test_the_report_shows_the_best_trials_adversarial_examples_from_its_artifact
     logged = {a.path for a in report["client"].list_artifacts(run.info.run_id, "examples")}
     assert {"examples/index.html", "examples/examples.json", "examples/fine-tuned-pgd-eps4-0-delta.png"} <= logged
     assert '<table class="adv-examples">' in report["html"] and "undefended encoder" in report["html"]
+    assert "Downloading artifacts" not in report["printed"]  # no MLflow progress bar per downloaded artifact folder
 
 
 @pytest.mark.slow
