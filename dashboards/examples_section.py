@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from dashboards import page
 from dashboards.records import ExperimentRecords, Trial, objective_mode
-from platform.seed_spread import quiet_downloads
+from platform.mlflow_downloads import quiet_downloads
 from trainables.evaluation.examples import INDEX_FILE, read_examples
 from trainables.evaluation.examples_page import STYLE, examples_fragment
 from trainables.names import EXAMPLES_ARTIFACT_DIR

@@ -11,8 +11,6 @@ evaluation uploaded (``checkpoint/eval_ranks.parquet``; the procedure is in
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from platform.mlflow_downloads import quiet_downloads
 from trainables.evaluation.uncertainty import IR, TR, QueryRanks, bootstrap_recall_interval, mean_std, read_ranks
 from trainables.names import CHECKPOINT_ARTIFACT_DIR, CLEAN, RANKS_FILE
 
@@ -61,21 +60,6 @@ def download_ranks(client: MlflowClient, run: Run) -> dict[tuple[str, float | No
     with tempfile.TemporaryDirectory() as folder, quiet_downloads():
         path = client.download_artifacts(run.info.run_id, f"{CHECKPOINT_ARTIFACT_DIR}/{RANKS_FILE}", folder)
         return read_ranks(Path(path))
-
-
-@contextlib.contextmanager
-def quiet_downloads():
-    """No MLflow progress bar: it draws one per download, i.e. per trial of a sweep's summary or report, for a few kB."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def ranks_of_cell(ranks: dict[tuple[str, float | None], QueryRanks], attack: str, eps_255: float | None) -> QueryRanks | None:

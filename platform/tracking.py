@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from platform.mlflow_downloads import quiet_downloads
 from platform.mlflow_ui import describe_sweep
 from platform.tracking_recovery import checkpointed_epochs
 from trainables.config import TrainConfig
@@ -432,7 +433,8 @@ def register_best(client: MlflowClient, run_id: str, model_name: str) -> str:
     from platform.registry import log_pyfunc_model  # imports platform.export, which imports this module
 
     try:
-        source = log_pyfunc_model(client, run_id)  # an MLflow pyfunc that embeds images (platform/pyfunc_model.py)
+        with quiet_downloads():  # the pyfunc is built from the run's checkpoint, downloaded first
+            source = log_pyfunc_model(client, run_id)  # an MLflow pyfunc that embeds images (platform/pyfunc_model.py)
     except UserError as error:
         # The base model cannot be rebuilt from what the run recorded (e.g. a secret in its weights path was
         # redacted from the params): register the checkpoint folder (safetensors + card) instead, and say why.

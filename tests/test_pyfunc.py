@@ -6,6 +6,8 @@ The trial is a run holding a tiny-CLIP robust checkpoint, as a sweep's tracker l
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -43,14 +45,20 @@ def registered(random_tiny_clip_weights, tmp_path_factory) -> dict:
     run = client.create_run(client.create_experiment("pyfunc", artifact_location=str(root / "artifacts")))
     client.log_param(run.info.run_id, "model", spec)
     client.log_artifact(run.info.run_id, str(checkpoint / VISION_FILE), "checkpoint")
-    version = register_best(client, run.info.run_id, MODEL_NAME)
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):  # MLflow's download bars go to sys.stderr
+        version = register_best(client, run.info.run_id, MODEL_NAME)
     robust = load_model(spec)
     load_robust_vision(robust, checkpoint)
-    return {"uri": uri, "client": client, "version": version, "robust": robust, "root": root}
+    return {"uri": uri, "client": client, "version": version, "robust": robust, "root": root, "printed": printed.getvalue()}
 
 
 def images(count: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).random((count, 3, size, size), dtype=np.float32)
+
+
+def test_registering_draws_no_download_progress_bar(registered):
+    assert "Downloading artifacts" not in registered["printed"]
 
 
 def test_the_best_version_loads_as_a_pyfunc_that_embeds_images(registered):
