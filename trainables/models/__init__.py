@@ -39,7 +39,7 @@ from trainables.models.tiny_albef_ve import TinyAlbefVeVLP, TinyTclVeVLP, load_t
 from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
 from trainables.models.hf_clip import HfClipVLP, load_hf_clip
 from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
-from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, load_tiny_albef
+from trainables.models.tiny_albef import CONFIGS, load_tiny_albef
 from trainables.models.tiny_clip import TinyClipConfig, build_tiny_clip, load_tiny_clip
 from trainables.models.weights import load_strict, read_state_dict
 from trainables.tasks import Task
@@ -152,8 +152,7 @@ def _load_albef(spec: ModelSpec) -> VLPModel:
 
 
 def _load_tiny_albef(spec: ModelSpec) -> VLPModel:
-    config = TINY_TCL if spec.kind == "tiny-tcl" else TinyAlbefConfig()
-    return load_tiny_albef(str(spec), spec.weights, config)
+    return load_tiny_albef(str(spec), spec.weights, CONFIGS[spec.kind.removeprefix("tiny-")])  # tiny-albef, tiny-tcl
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class TinyAlbefConfig:
 
 
 TINY_TCL = TinyAlbefConfig(objectives="tcl", seed=1)  # tiny-tcl: the same architecture, TCL's objectives, another seed
+# The embedded fusion models by family (= their objectives): tiny-albef and tiny-tcl.
+CONFIGS: dict[str, TinyAlbefConfig] = {"albef": TinyAlbefConfig(), "tcl": TINY_TCL}
 
 
 @functools.cache
@@ -490,7 +492,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="recipe change (another cache key)")
     parser.add_argument("--evaluate", type=int, default=0, metavar="N", help="then print clean recall on N synthetic test images")
     args = parser.parse_args()
-    config = TINY_TCL if args.objectives == "tcl" else TinyAlbefConfig()
+    config = CONFIGS[args.objectives]
     changes = {key: value for key, value in (("train_images", args.train_images), ("epochs", args.epochs)) if value is not None}
     config = replace(config, **changes)
     started = time.perf_counter()

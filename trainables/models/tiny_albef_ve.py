@@ -58,8 +58,7 @@ class TinyTclVeVLP(TclVLP):
     tasks = (Task.ENTAILMENT,)
 
 
-# The base each embedded VE model is fine-tuned from, by family (``tiny-<family>-ve``).
-FAMILIES = ("albef", "tcl")
+# The embedded VE models by the family of their base (``tiny-<family>`` -> ``tiny-<family>-ve``).
 VE_CLASSES: dict[str, type[AlbefVLP]] = {"albef": TinyAlbefVeVLP, "tcl": TinyTclVeVLP}
 
 
@@ -130,12 +129,12 @@ def ensure_finetuned(base_dir: Path | None = None, recipe: VeRecipe = VeRecipe()
 
     ``base_dir``: the base model's folder (default: the cached ``tiny-<family>``, pretrained on first use).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
+    if family not in VE_CLASSES:
+        raise ValueError(f"unknown family {family!r}: use one of {', '.join(VE_CLASSES)}")
     if base_dir is None:
-        from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, ensure_pretrained  # pretrained on first use
+        from trainables.models.tiny_albef import CONFIGS, ensure_pretrained  # the base, pretrained on first use
 
-        base_dir = Path(ensure_pretrained(TINY_TCL if family == "tcl" else TinyAlbefConfig()))
+        base_dir = Path(ensure_pretrained(CONFIGS[family]))
     directory = finetuned_dir(base_dir, recipe, family)
     if (directory / WEIGHTS_FILE).is_file() and not force:
         return directory
@@ -183,7 +182,7 @@ def competence(model: AlbefVLP, pairs: int = 300, eps: tuple[float, ...] = (2 / 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m trainables.models.tiny_albef_ve", description=__doc__)
     parser.add_argument("--force", action="store_true", help="fine-tune again even if cached weights exist")
-    parser.add_argument("--family", choices=FAMILIES, default="albef", help="albef: tiny-albef-ve; tcl: tiny-tcl-ve (fine-tuned from tiny-tcl)")
+    parser.add_argument("--family", choices=sorted(VE_CLASSES), default="albef", help="albef: tiny-albef-ve; tcl: tiny-tcl-ve (fine-tuned from tiny-tcl)")
     parser.add_argument("--base", help="a tiny-albef/tiny-tcl folder (vocab.txt, config_bert.json, weights.safetensors); default: the cached tiny-<family>")
     parser.add_argument("--evaluate", type=int, metavar="N", help="then print clean and PGD (2/255, 4/255) accuracy on N synthetic-ve test pairs")
     args = parser.parse_args()
