@@ -15,7 +15,7 @@ from platform.specs import PinnedSpecs
 from platform.sweep_spec import SweepSpec
 from platform.tracking import MlflowTrialTracker
 from trainables.errors import UserError
-from trainables.names import BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY
+from trainables.names import PINNED_MODELS_KEY, PINNED_SPECS_KEY
 from trainables.ray_worker import run_trial
 
 # Services this driver starts (Ray's dashboard) listen here unless --dashboard-host says otherwise.
@@ -78,7 +78,7 @@ def build_tuner(spec: SweepSpec, sweep_id: str, locations: Locations, tracker: M
         "train": spec.fixed_options(),
         "sweep": {"sweep_id": sweep_id, "storage_path": locations.storage_path, "searched": searched,
                   "objectives": spec.objective_metrics(),
-                  PINNED_SPECS_KEY: pinned.worker_options(), BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256,
+                  PINNED_SPECS_KEY: pinned.worker_options(), PINNED_MODELS_KEY: pinned.pinned_models(),
                   **spec.resources.model_dump(include={"workers_per_trial", "cpus_per_worker", "gpus_per_worker", "max_failures"})},
     }
     return tune.Tuner(

@@ -44,8 +44,8 @@ def describe_plan(spec: SweepSpec, source: str, locations: Locations, sweep_id: 
     if search.scheduler is not None:
         scheduler = (f"ASHA on {search.objectives[0].metric} (grace_period {search.scheduler.grace_period}, "
                      f"reduction_factor {search.scheduler.reduction_factor:g}, max {spec.largest('epochs')} epochs)")
-    registered = (f"; the best encoder is registered as {spec.tracking.experiment or spec.experiment.name}-robust-vision"
-                  if spec.tracking.register_best else "")
+    registered = (f"; the best encoder{' of each model' if 'model' in spec.space else ''} is registered as "
+                  f"{', '.join(spec.registered_model_names().values())}" if spec.tracking.register_best else "")
     lines = [
         f"sweep file: {source}: valid",
         f"sweep: resumes {sweep_id}" if resume else f"sweep: new (id {spec.experiment.name}-<start time>, e.g. {sweep_id})",

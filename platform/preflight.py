@@ -132,7 +132,8 @@ def check_resources(spec: SweepSpec) -> None:
 
 def check_specs(spec: SweepSpec) -> None:
     """The model and data specs parse and name files that exist (cheap: nothing is loaded)."""
-    parse_model_spec(spec.experiment.model)
+    for model in spec.candidate_values("model"):
+        parse_model_spec(model)
     for data in (spec.experiment.train_data, spec.experiment.eval_data):
         parse_data_spec(data)
     for source in spec.candidate_values("word_candidates"):
@@ -149,7 +150,7 @@ def check_inputs(spec: SweepSpec) -> None:
     """
     check_specs(spec)
     train_set = load_dataset(spec.experiment.train_data, image_size=32)
-    if model_kind(spec.experiment.model).model_class.has_text_encoder:
+    if any(model_kind(model).model_class.has_text_encoder for model in spec.candidate_values("model")):
         check_min_captions(train_set, int(spec.largest("M")))
     if parse_data_spec(spec.experiment.eval_data).kind != "synthetic":  # a real dataset: its files must be there too
         load_dataset(spec.experiment.eval_data, image_size=32)

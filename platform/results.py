@@ -76,15 +76,22 @@ def best_trial_run(client: MlflowClient, experiment_id: str, sweep_id: str, spec
 
 
 def finish_sweep(client: MlflowClient, spec: SweepSpec, summary: dict, wall_seconds: float) -> None:
-    """Register the best encoder (if asked), record the sweep's wall time and failures, and end the parent run.
+    """Register the best encoder (if asked; one per model when ``model`` is searched), record the sweep's wall time and
+    failures, and end the parent run.
 
-    Adds ``registered`` to ``summary`` when a model version was registered.
+    Adds ``registered`` (a list of ``{name, version, run_id, model}``) to ``summary`` when a model version was registered.
     """
     parent_run_id, experiment_id, sweep_id = summary["parent_run_id"], summary["experiment_id"], summary["sweep_id"]
     best = best_trial_run(client, experiment_id, sweep_id, spec, summary["pareto_front"])
     if best is not None and spec.tracking.register_best:
-        model_name = f"{spec.tracking.experiment or spec.experiment.name}-robust-vision"
-        summary["registered"] = {"name": model_name, "version": register_best(client, best, model_name), "run_id": best}
+        registered = []
+        for model, model_name in spec.registered_model_names().items():
+            rows = [row for row in summary["rows"] if model is None or row.get("model") == model]
+            run_id = best_trial_run(client, experiment_id, sweep_id, spec, pareto_front(rows, spec))
+            if run_id is not None:
+                registered.append({"name": model_name, "version": register_best(client, run_id, model_name), "run_id": run_id,
+                                   "model": model})
+        summary["registered"] = registered
         client.set_tag(parent_run_id, BEST_RUN_TAG, best)
     log_report(client, summary["tracking_uri"], experiment_id, parent_run_id)  # opens inside MLflow: report/report.html
     client.log_metric(parent_run_id, SWEEP_WALL_SECONDS, wall_seconds)

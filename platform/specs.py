@@ -3,8 +3,10 @@
 The driver parses every spec once: relative paths become absolute here (Ray workers
 run in other directories), a data spec gets every option spelled out, and the model
 is pinned to the exact weights every worker loads (``trainables.models.embedded``).
-The workers receive the canonical strings (:meth:`PinnedSpecs.worker_options`), which
-parse back to the same values wherever they run.
+When ``model`` is searched (``space: model: {choice: [tiny-clip, tiny-albef]}``), every
+model of the choice is pinned here, and each trial looks its own up by the spelling it
+drew (:meth:`PinnedSpecs.pinned_models`). The workers receive the canonical strings
+(:meth:`PinnedSpecs.worker_options`), which parse back to the same values wherever they run.
 """
 
 from __future__ import annotations
@@ -24,24 +26,41 @@ from trainables.models.embedded import ResolvedModel, base_weights_store, resolv
 
 @dataclass(frozen=True)
 class PinnedSpecs:
-    """The parsed specs of a sweep: its pinned model and its two datasets."""
+    """The parsed specs of a sweep: its pinned models (as the user wrote them -> pinned) and its two datasets."""
 
-    model: ResolvedModel
+    models: dict[str, ResolvedModel]
     train_data: DataSpec
     eval_data: DataSpec
     word_candidates: str | None = None  # the text attacks' word source as workers load it; None: the trial's own option
 
     def worker_options(self) -> dict[str, str]:
-        """The training options that replace the user's spellings on the workers: canonical spec strings."""
-        options = {"model": str(self.model.spec), "train_data": str(self.train_data), "eval_data": str(self.eval_data)}
+        """The data options that replace the user's spellings on the workers: canonical spec strings (the model: see below)."""
+        options = {"train_data": str(self.train_data), "eval_data": str(self.eval_data)}
         return options if self.word_candidates is None else {**options, "word_candidates": self.word_candidates}
 
+    def pinned_models(self) -> list[dict[str, str]]:
+        """``{"name": the model as the user wrote it, "spec": canonical spec, "sha256": its weights}`` per model
+        (``PINNED_MODELS_KEY``; a list, not a dict keyed by name: Tune's searchers split config keys at '/')."""
+        return [{"name": name, "spec": str(model.spec), "sha256": model.base_weights_sha256} for name, model in self.models.items()]
 
-def pin_specs(options: Mapping[str, Any], storage_path: str, searched: Collection[str] = ()) -> PinnedSpecs:
-    """Parse ``options``' model and data specs once; embedded models are pinned under ``storage_path`` (pretrained here if needed)."""
+    def base_weights_param(self) -> str:
+        """The sweep's base weights for its parent run: the sha256, or ``name=sha256`` per model when several are searched."""
+        if len(self.models) == 1:
+            return next(iter(self.models.values())).base_weights_sha256
+        return ", ".join(f"{name}={model.base_weights_sha256}" for name, model in self.models.items())
+
+
+def pin_specs(options: Mapping[str, Any], storage_path: str, searched: Collection[str] = (),
+              models: Collection[str] | None = None) -> PinnedSpecs:
+    """Parse the model and data specs once; embedded models are pinned under ``storage_path`` (pretrained here if needed).
+
+    Args:
+        models: every model a trial may run (a searched ``model``'s choices); default ``options["model"]``.
+    """
     store = base_weights_store(storage_path)
     word_candidates = None if "word_candidates" in searched else pin_word_candidates(options, store)
-    return PinnedSpecs(model=resolve_model(options["model"], store), train_data=parse_data_spec(options["train_data"]),
+    names = list(models) if models is not None else [options["model"]]
+    return PinnedSpecs(models={name: resolve_model(name, store) for name in names}, train_data=parse_data_spec(options["train_data"]),
                        eval_data=parse_data_spec(options["eval_data"]), word_candidates=word_candidates)
 
 

@@ -63,13 +63,15 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: st
         stop_leftovers(state_folder(locations.storage_path, sweep_id))
     # Once, in the driver: specs parsed to canonical form; an embedded model pretrained here if needed and pinned to
     # a content-addressed file under the storage folder, which every worker on every node loads (none pretrains).
-    pinned = pin_specs(spec.fixed_options(), locations.storage_path, searched=spec.space)
-    check_model_loads(pinned.model.spec)
+    models = spec.candidate_values("model")  # one, or each value of a searched model
+    pinned = pin_specs(spec.fixed_options(), locations.storage_path, searched=spec.space, models=models)
+    for resolved in pinned.models.values():
+        check_model_loads(resolved.spec)
     client = MlflowClient(locations.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.experiment.name, locations.artifact_location)
-    params = {**parent_params(spec, source), BASE_WEIGHTS_SHA256: pinned.model.base_weights_sha256}
+    params = {**parent_params(spec, source), BASE_WEIGHTS_SHA256: pinned.base_weights_param()}
     parent_run_id = get_or_create_parent_run(client, experiment_id, sweep_id, params,
-                                             tags={MODEL_TAG: spec.experiment.model, DEFENSE_TAG: spec.experiment.defense.value})
+                                             tags={MODEL_TAG: ", ".join(models), DEFENSE_TAG: spec.experiment.defense.value})
     tracker = MlflowTrialTracker(locations.tracking_uri, experiment_id, parent_run_id, sweep_id)
     init_ray(dashboard_host)
     record_local_ray(state_folder(locations.storage_path, sweep_id))
@@ -98,17 +100,21 @@ def check_sweep(spec: SweepSpec, tracking_uri: str | None = None, storage_path: 
     """Every check ``run_sweep`` makes before compute, then the resolved plan; starts no Ray and writes nothing to MLflow."""
     locations = preflight(spec, tracking_uri, storage_path)
     sweep_id = resolve_sweep_id(spec, locations.storage_path, resume)
-    if spec.experiment.model == "tiny-clip" and not cached_weights_path().is_file():
+    model_note = "; ".join(model_plan(model) for model in spec.candidate_values("model"))
+    return describe_plan(spec, source, locations, sweep_id, bool(resume), model_note)
+
+
+def model_plan(model: str) -> str:
+    """What a dry run says about one model of the sweep, after loading it when that is a check (a user's file) and not compute."""
+    if model == "tiny-clip" and not cached_weights_path().is_file():
         # Pretraining is compute (minutes), not a check: say that the run will do it.
-        model_note = f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
-    elif spec.experiment.model in EMBEDDED_WEIGHTS and spec.experiment.model != "tiny-clip":
+        return f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
+    if model in EMBEDDED_WEIGHTS and model != "tiny-clip":
         # The other embedded models (tiny-albef, tiny-tcl, tiny-albef-ve, tiny-tcl-ve) are built by the platform, no user file to
         # check; loading one may mean pretraining it, which is the run's compute, not a check's.
-        model_note = f"{spec.experiment.model}, embedded: the run uses its cached weights, pretraining them first if this machine has none"
-    else:
-        check_model_loads(spec.experiment.model)
-        model_note = f"{spec.experiment.model} (loaded once: its weights are readable and match the architecture)"
-    return describe_plan(spec, source, locations, sweep_id, bool(resume), model_note)
+        return f"{model}, embedded: the run uses its cached weights, pretraining them first if this machine has none"
+    check_model_loads(model)
+    return f"{model} (loaded once: its weights are readable and match the architecture)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(spec.search.objectives) > 1:
         print("\nPareto front:")
         print(format_table(summary["pareto_front"]))
-    if "registered" in summary:
-        print(f"\nbest checkpoint registered as {summary['registered']['name']} v{summary['registered']['version']} (alias 'best')")
+    for index, registered in enumerate(summary.get("registered", [])):
+        of = f" (best trial of {registered['model']})" if registered["model"] else ""
+        print(f"{'' if index else chr(10)}best checkpoint{of} registered as {registered['name']} v{registered['version']} (alias 'best')")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}   (parent run {summary['parent_run_id']})")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

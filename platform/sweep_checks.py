@@ -24,11 +24,11 @@ from trainables.tasks import task_info
 if TYPE_CHECKING:
     from platform.sweep_spec import SweepSpec
 
-# Options every trial of one sweep shares, and why: the driver checks the model and the data once
-# before any trial starts, and the objectives are metrics that eval_attacks x eval_eps produce.
-SWEEP_WIDE = {"model": "the driver checks it once", "train_data": "the driver checks it once",
-              "eval_data": "the driver checks it once", "eval_attacks": "the objectives are its metrics",
-              "eval_eps": "the objectives are its metrics"}
+# Options every trial of one sweep shares, and why: the driver checks the data once before any trial
+# starts, and the objectives are metrics that eval_attacks x eval_eps produce. (``model`` may be searched:
+# the driver pins and checks every value of its choice; platform/specs.py.)
+SWEEP_WIDE = {"train_data": "the driver checks it once", "eval_data": "the driver checks it once",
+              "eval_attacks": "the objectives are its metrics", "eval_eps": "the objectives are its metrics"}
 SEARCHABLE = tuple(name for name in TrainConfig.model_fields if name not in SWEEP_WIDE)
 EPS_KEYS = {"eps", "pgd_step_size"}  # accept "2/255" in the space too
 RANGES = ("uniform", "loguniform", "int")
@@ -171,7 +171,11 @@ def check_devices(spec: SweepSpec) -> None:
 def check_objectives(spec: SweepSpec) -> None:
     """Every objective is a metric this sweep's evaluation reports."""
     # The run's task says which metrics its per-epoch evaluation records (trainables.tasks).
-    task = task_info(spec.experiment.run_task)
+    tasks = {model: spec.train_config({"model": model}).run_task for model in spec.candidate_values("model")}
+    if len(set(tasks.values())) > 1:
+        raise UserError(f"space: key 'model': its models do different tasks ({', '.join(f'{m}: {t.value}' for m, t in tasks.items())}), "
+                        "and one sweep's objectives are one task's metrics: search models of one task and run the others as another sweep")
+    task = task_info(next(iter(tasks.values())))
     valid = task.objectives(tuple(spec.experiment.eval_attacks), tuple(spec.experiment.eval_eps))
     produced_by = task.produces
     for index, objective in enumerate(spec.search.objectives):

@@ -14,6 +14,7 @@ old and foreign spellings) are in ``platform/sweep_checks.py``.
 from __future__ import annotations
 
 import math
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -186,6 +187,21 @@ class SweepSpec(Strict):
             return [searched.value]
         return [searched.low, searched.high]
 
+    def registered_model_names(self) -> dict[str | None, str]:
+        """The registered model each model's best trial becomes a version of: ``<experiment>-robust-vision`` (key None) for
+        a sweep of one model; with a searched ``model``, one name per model, since encoders of different models are not
+        versions of one thing (``<experiment>-<model>-robust-vision``)."""
+        base = self.tracking.experiment or self.experiment.name
+        if "model" not in self.space:
+            return {None: f"{base}-robust-vision"}
+        names: dict[str | None, str] = {}
+        for model in self.candidate_values("model"):
+            name = f"{base}-{model_slug(model)}"
+            while f"{name}-robust-vision" in names.values():  # two specs with the same short form (weights in other folders)
+                name += "-2"
+            names[model] = f"{name}-robust-vision"
+        return names
+
     def largest(self, key: str) -> Any:
         """The largest value of a numeric option any trial can take (e.g. M, the captions a trial may ask for)."""
         return max(self.candidate_values(key))
@@ -196,6 +212,14 @@ class SweepSpec(Strict):
     def grid_size(self) -> int:
         """Grid points times seeds: the trials a grid sweep runs."""
         return math.prod(len(d.values) for d in self.space.values() if isinstance(d, Choice)) * len(self.search.seeds or [0])
+
+
+def model_slug(model: str) -> str:
+    """A model spec as part of a registered model's name: ``albef:/m/text@/m/refcoco.pth -> albef-text-refcoco.pth``."""
+    head, _, weights = model.partition("@")
+    kind, _, name = head.partition(":")
+    parts = (kind, name.rstrip("/").rsplit("/", 1)[-1], weights.rstrip("/").rsplit("/", 1)[-1])
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(part for part in parts if part)).strip("-")
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:

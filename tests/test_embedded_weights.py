@@ -23,7 +23,7 @@ from trainables.models import parse_model_spec
 from trainables.models import embedded
 from trainables.models.embedded import base_weights_sha256, resolve_model, verify_base_weights
 from trainables.models.weights import CONTENT_ADDRESSED, file_sha256, read_state_dict
-from trainables.names import BASE_WEIGHTS_SHA256, MODEL_FAMILY_TAG, PINNED_SPECS_KEY, SCORING_TAG, TASK_TAG
+from trainables.names import BASE_WEIGHTS_SHA256, MODEL_FAMILY_TAG, PINNED_MODELS_KEY, PINNED_SPECS_KEY, SCORING_TAG, TASK_TAG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,8 @@ def test_every_trial_records_the_base_weights_sha256_and_the_kinds_family(tmp_pa
     tracker = MlflowTrialTracker(uri, experiment_id, parent, "pins-1")
     sha = "ab" * 32
     options = {"model": "hf-blip-itr:/models/blip-itm", "eval_attacks": ["pgd"]}
-    trial = SimpleNamespace(trial_id="t1", config={"train": options, "sweep": {"searched": [], "workers_per_trial": 1, BASE_WEIGHTS_SHA256: sha}})
+    pinned_models = [{"name": options["model"], "spec": options["model"], "sha256": sha}]
+    trial = SimpleNamespace(trial_id="t1", config={"train": options, "sweep": {"searched": [], "workers_per_trial": 1, PINNED_MODELS_KEY: pinned_models}})
     tracker.on_trial_start(0, [], trial)
     tracker.flush()  # the tracker writes on its own thread
     run = client.get_run(tracker._runs["t1"])
@@ -113,11 +114,33 @@ def test_the_edge_parses_specs_once_and_workers_get_canonical_strings(pinned, tm
     (tmp_path / "shards").mkdir()
     specs = pin_specs({"model": "tiny-clip", "train_data": "synthetic:train,n=12", "eval_data": "parquet:shards"},
                       str(tmp_path / "ray"))
-    options = specs.worker_options()
+    options, models = specs.worker_options(), specs.pinned_models()
     assert options["eval_data"] == f"parquet:{tmp_path / 'shards'}" and options["train_data"] == "synthetic:train,n=12,seed=0"
-    assert Path(options["model"].partition("@")[2]).parent == tmp_path / "ray" / "base-weights"
-    config = {"train": {"model": "tiny-clip", "lr": 1e-4}, "sweep": {"searched": ["a"], PINNED_SPECS_KEY: options}, "a": 0.1}
-    assert worker_options(config) == {**options, "lr": 1e-4, "a": 0.1}
+    (model,) = models
+    assert model["name"] == "tiny-clip" and model["sha256"] == pinned.resolved.base_weights_sha256
+    assert Path(model["spec"].partition("@")[2]).parent == tmp_path / "ray" / "base-weights"
+    config = {"train": {"model": "tiny-clip", "lr": 1e-4}, "sweep": {"searched": ["a"], PINNED_SPECS_KEY: options, PINNED_MODELS_KEY: models},
+              "a": 0.1}
+    assert worker_options(config) == {**options, "model": model["spec"], "lr": 1e-4, "a": 0.1}
+
+
+def test_a_searched_model_pins_every_choice_and_each_trial_gets_its_own(pinned, random_tiny_clip_weights, tmp_path):
+    """``space: model: {choice: [...]}``: the edge pins each value; a trial's workers load the one it drew, with its sha256."""
+    from platform.specs import pin_specs
+    from trainables.ray_worker import pinned_model, worker_options
+
+    copy = tmp_path / "other.safetensors"
+    copy.write_bytes(random_tiny_clip_weights.read_bytes())
+    names = ["tiny-clip", f"tiny-clip@{copy}"]
+    specs = pin_specs({"model": "tiny-clip", "train_data": "synthetic:train,n=12", "eval_data": "synthetic:test,n=4"},
+                      str(tmp_path / "ray"), searched=["model"], models=names)
+    models = specs.pinned_models()
+    assert [model["name"] for model in models] == names
+    assert models[1]["spec"] == f"tiny-clip@{copy}" and models[1]["sha256"] == file_sha256(copy)
+    assert specs.base_weights_param() == ", ".join(f"{name}={file_sha256(random_tiny_clip_weights)}" for name in names)
+    for name, model in zip(names, models):
+        config = {"train": {"model": "tiny-clip"}, "sweep": {"searched": ["model"], PINNED_MODELS_KEY: models}, "model": name}
+        assert pinned_model(config) == model and worker_options(config)["model"] == model["spec"]
 
 
 def _load_on_two_nodes(spec: str, expected_sha256: str, empty_cache: str) -> list[dict]:

@@ -19,7 +19,7 @@ from trainables.data import KINDS, load_dataset, parse_data_spec
 from trainables.data.grounding import GroundingItem, collate_grounding
 from trainables.data.refer_pickle import export_refer, safe_load_pickle
 from trainables.data.synthetic import BACKGROUNDS, render_objects
-from trainables.data.synthetic_vg import object_box
+from trainables.data.synthetic_vg import SyntheticGrounding, attribute_oracle_accuracy, object_box
 from trainables.errors import UserError
 from trainables.evaluation.grounding import accuracy_per_split, best_proposal, box_iou, ground, is_hit, proposal_scores
 
@@ -313,3 +313,17 @@ def test_accuracy_per_split_counts_hits():
         "val": (1, 1, 1.0), "testA": (1, 2, 0.5), "testB": (1, 2, 0.5)}
     with pytest.raises(ValueError):
         accuracy_per_split([True], [])
+
+
+def test_the_attribute_oracle_is_exact_with_every_attribute_and_blind_without():
+    """Every expression picks exactly its target (100 with all words and position); testA needs no position; with no
+    word read, the oracle is a uniform pick among the scene's 2-4 objects; an unknown attribute is refused."""
+    data = SyntheticGrounding("test", 90)
+    assert attribute_oracle_accuracy(data, ("size", "colour", "shape"), position=True) == {
+        "acc": 100.0, "acc_val": 100.0, "acc_testA": 100.0, "acc_testB": 100.0}
+    assert attribute_oracle_accuracy(data, ("size", "colour", "shape"))["acc_testA"] == 100.0
+    assert attribute_oracle_accuracy(data, ("size", "colour", "shape"))["acc_testB"] < 100.0  # twins need the position
+    blind = attribute_oracle_accuracy(data, ())
+    assert blind["acc"] == pytest.approx(100.0 * np.mean([1 / len(scene.objects) for scene in data.scenes]))
+    with pytest.raises(ValueError, match="unknown attribute"):
+        attribute_oracle_accuracy(data, ("texture",))

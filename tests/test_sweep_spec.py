@@ -207,7 +207,8 @@ def test_a_float_field_takes_uniform_and_loguniform_within_its_own_range(key):
     ("compile", {"distribution": "int", "low": 0, "high": 1}, r"key 'compile' takes true or false, not a number range"),
     ("seed", {"distribution": "choice", "values": [0, 1.5]}, r"key 'seed' value 1.5: .*valid integer"),
     ("device", {"distribution": "choice", "values": ["cpu", "gpu"]}, r"key 'device' value 'gpu': unknown device 'gpu': use auto"),
-    ("model", {"distribution": "choice", "values": ["tiny-clip"]}, r"key 'model' is the same for every trial of a sweep.*set it under experiment:"),
+    ("eval_data", {"distribution": "choice", "values": ["synthetic:test"]}, r"key 'eval_data' is the same for every trial of a sweep.*set it under experiment:"),
+    ("model", {"distribution": "choice", "values": ["tiny-clip", "nope"]}, r"unknown model kind 'nope' in model spec 'nope'"),
 ])
 def test_each_space_entry_is_checked_against_its_field(key, distribution, message):
     with pytest.raises(UserError, match=message):
@@ -328,3 +329,15 @@ def test_two_one_cpu_trials_fit_a_two_core_machine_side_by_side():
     driver = resource_dict_to_pg_factory(TRIAL_DRIVER_RESOURCES).required_resources
     assert 2 * (driver.get("CPU", 0) + 1) <= 2
     assert any(value > 0 for value in driver.values())  # Ray refuses a placement bundle of zeros
+
+
+def test_a_searched_model_registers_each_models_best_under_its_own_name():
+    """Encoders of different models are not versions of one registered model; two specs that shorten alike stay apart."""
+    fixed = parse_sweep_spec(with_change("tracking.experiment", "exp"), "sweep.yaml")
+    assert fixed.registered_model_names() == {None: "exp-robust-vision"}
+    models = ["tiny-clip", "albef:/m/text@/m/a/w.pth", "albef:/n/text@/n/a/w.pth"]
+    data = with_change("space.model", {"distribution": "choice", "values": models})
+    data.setdefault("tracking", {})["experiment"] = "exp"
+    assert parse_sweep_spec(data, "sweep.yaml").registered_model_names() == {
+        "tiny-clip": "exp-tiny-clip-robust-vision", models[1]: "exp-albef-text-w.pth-robust-vision",
+        models[2]: "exp-albef-text-w.pth-2-robust-vision"}

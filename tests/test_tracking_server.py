@@ -269,7 +269,7 @@ def test_a_sweep_through_a_server_over_sqlite_is_recorded_behind_its_artifact_pr
         summary = run_sweep(parse_sweep_spec(data, "served-sqlite.yaml"), tracking_uri=server.uri, storage_path=str(tmp_path / "ray"))
         client = MlflowClient(server.uri)
         runs = trial_runs(client, "served-sqlite")
-        assert [r.info.run_id for r in runs] == [summary["registered"]["run_id"]]
+        assert [r.info.run_id for r in runs] == [summary["registered"][0]["run_id"]]
         assert check_parent(client, runs).info.run_id == summary["parent_run_id"]
         check_served(client, runs, "served-sqlite", 1, server.artifacts, workers=1)
     finally:

@@ -59,8 +59,11 @@ BEST_RUN_TAG = TAG_PREFIX + "best_run_id"  # on the parent run: the registered t
 FAILED_TRIALS_TAG = TAG_PREFIX + "failed_trials"
 # The sha256 of the base model's weights every worker of a trial loaded (a param and a tag of each trial).
 BASE_WEIGHTS_SHA256 = "base_weights_sha256"
-# Under a trial's "sweep" settings: the canonical model and data specs every worker loads (platform/specs.py).
+# Under a trial's "sweep" settings: the canonical data specs every worker loads (platform/specs.py).
 PINNED_SPECS_KEY = "pinned_specs"
+# Under a trial's "sweep" settings: each model a trial may run, [{"name": as the user wrote it, "spec": the canonical
+# spec every worker loads, "sha256": its weights' sha256}] (one entry, or one per value when ``model`` is searched).
+PINNED_MODELS_KEY = "pinned_models"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest child runs
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"

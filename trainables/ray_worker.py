@@ -45,7 +45,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.errors import NonFiniteLossError
-from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_SPECS_KEY, CHECKPOINT_PATH_KEY, DONE_FILE, EPOCH, NONFINITE_FILE,
+from trainables.names import (BASE_WEIGHTS_SHA256, PINNED_MODELS_KEY, PINNED_SPECS_KEY, CHECKPOINT_PATH_KEY, DONE_FILE, EPOCH, NONFINITE_FILE,
                               NONFINITE_KEY, final_metric)
 # Bookkeeping keys (no '/', so the MLflow tracker never logs them as metrics).
 RESUMED_FROM_KEY = "resumed_from_epoch"
@@ -140,14 +140,21 @@ def training_options(config: dict) -> dict:
     return {**config["train"], **{key: config[key] for key in config["sweep"]["searched"]}}
 
 
+def pinned_model(config: dict) -> dict[str, str]:
+    """The trial's model as the sweep's edge pinned it, ``{"name": ..., "spec": ..., "sha256": ...}``, found by the spelling
+    the trial has (the fixed ``model``, or the value it drew when ``model`` is searched)."""
+    name = training_options(config)["model"]
+    return next(entry for entry in config["sweep"][PINNED_MODELS_KEY] if entry["name"] == name)
+
+
 def worker_options(config: dict) -> dict:
     """What the Train workers run: :func:`training_options` with the specs the sweep's edge parsed and pinned.
 
     The trial's recorded options keep the specs as the user wrote them (``tiny-clip``); the workers get
-    ``sweep.pinned_specs``: canonical strings with absolute paths, the model pinned to its weights file
-    (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``).
+    canonical strings with absolute paths (``sweep.pinned_specs``), the model pinned to its weights file
+    (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``, from ``sweep.pinned_models``).
     """
-    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {})}
+    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {}), "model": pinned_model(config)["spec"]}
 
 
 def run_trial(config: dict) -> None:
@@ -165,7 +172,7 @@ def run_trial(config: dict) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": worker_options(config), "objectives": sweep["objectives"],
-                           BASE_WEIGHTS_SHA256: sweep.get(BASE_WEIGHTS_SHA256)},
+                           BASE_WEIGHTS_SHA256: pinned_model(config)["sha256"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sweep["workers_per_trial"],
             use_gpu=sweep["gpus_per_worker"] > 0,
