@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "masked LM, for the synthetic world; see docs/attacks.md)")
     parser.add_argument("--pairs", choices=PAIR_SCOPES, default=PAIR_SCOPES[0], help="--task entailment: score all pairs "
                         "(ALBEF's test, the default) or only the entailment pairs (MAVA's VE data)")
+    parser.add_argument("--gradcam-layer", type=int, help="--task grounding: the fusion layer whose cross-attention GradCAM reads "
+                        "(ALBEF's --block_num; default the model's: layer 8 of 12, scaled to its fusion depth); pick it on a "
+                        "validation split")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--no-checks", action="store_true", help="skip the honesty checks")
@@ -160,6 +163,8 @@ TASK_RUNNERS: dict[Task, str] = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     task = chosen_task(args)
+    if args.gradcam_layer is not None and task is not Task.GROUNDING:
+        raise UserError(f"--gradcam-layer is for --task grounding (the layer its GradCAM reads), not {task.value}: remove it")
     if task is Task.CAPTIONING:
         raise UserError(f"{args.model!r} is a captioner: evaluate it with python -m platform.evaluate_captions")
     if task is not Task.RETRIEVAL:

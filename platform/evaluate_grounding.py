@@ -79,11 +79,13 @@ def run(args: argparse.Namespace) -> int:
                         "use a surrogate with the same input size")
     dataset = load_dataset(data_spec, model.image_size)
     settings = GroundingSettings(attacks=args.attacks, eps=args.eps, batch_size=args.batch_size, max_items=args.max_images,
-                                 seed=args.seed, text_candidates=args.word_candidates)
+                                 seed=args.seed, layer=args.gradcam_layer, text_candidates=args.word_candidates)
+    layer = model.gradcam_layer if args.gradcam_layer is None else args.gradcam_layer
     baselines = grounding_baselines(dataset, args.max_images)
     threat = "white-box" if surrogate is None else f"transfer from {surrogate.spec}"
     print(f"grounding {args.model}{' + ' + args.checkpoint if args.checkpoint else ''} on {args.data} "
-          f"({baselines.items} expressions), attacks {', '.join(args.attacks)}, {threat}", file=sys.stderr)
+          f"({baselines.items} expressions), attacks {', '.join(args.attacks)}, {threat}, GradCAM of fusion layer {layer}",
+          file=sys.stderr)
 
     warnings = [] if args.no_checks else grounding_honesty_checks(model, dataset, settings, surrogate=surrogate)
     rows = evaluate_grounding_rows(model, dataset, settings, surrogate=surrogate, progress=not args.no_progress)
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if output is not None:
         context = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "seed": args.seed,
-                   "task": Task.GROUNDING.value, "baselines": dataclasses.asdict(baselines)}
+                   "task": Task.GROUNDING.value, "gradcam_layer": layer, "baselines": dataclasses.asdict(baselines)}
         output.write_text(json.dumps([{**row.to_json(), **context} for row in rows], indent=2))
         print(f"wrote {output}", file=sys.stderr)
     return 0

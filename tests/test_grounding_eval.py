@@ -197,6 +197,29 @@ def test_platform_evaluate_task_grounding_writes_rows_and_refuses_bad_input(albe
         main(["--task", "grounding", "--model", "tiny-clip", "--data", "synthetic-vg:test,n=3"])
 
 
+def test_the_gradcam_layer_is_chosen_recorded_and_checked(albef_spec, tmp_path):
+    """--gradcam-layer names the fusion layer GradCAM reads (ALBEF's --block_num) and the rows record it; a text-only
+    layer, a layer past the last, or the option on another task is refused."""
+    from platform.evaluate import main
+    from trainables.models import load_model
+
+    model = load_model(albef_spec)
+    config = model.text_encoder.config  # the fake has text layers 0..fusion_layer-1, then fusion layers
+    recorded = {}
+    for layer in (None, config.num_hidden_layers - 1):
+        output = tmp_path / f"rows-{layer}.json"
+        main(["--task", "grounding", "--model", albef_spec, "--data", "synthetic-vg:test,n=3", "--attacks", "pgd", "--eps", "2/255",
+              "--output", str(output), "--no-progress", "--no-checks", *(["--gradcam-layer", str(layer)] if layer is not None else [])])
+        recorded[layer] = {row["gradcam_layer"] for row in json.loads(output.read_text())}
+    assert recorded == {None: {model.gradcam_layer}, config.num_hidden_layers - 1: {config.num_hidden_layers - 1}}
+    for layer in (config.fusion_layer - 1, config.num_hidden_layers):
+        with pytest.raises(UserError, match=f"GradCAM layer {layer} is not a fusion layer .*choose one of {config.fusion_layer}"):
+            main(["--task", "grounding", "--model", albef_spec, "--data", "synthetic-vg:test,n=3", "--no-progress", "--no-checks",
+                  "--gradcam-layer", str(layer)])
+    with pytest.raises(UserError, match="--gradcam-layer is for --task grounding"):
+        main(["--model", albef_spec, "--data", "synthetic:test,n=3", "--gradcam-layer", "1"])
+
+
 def test_run_training_evaluates_grounding_after_the_epoch(albef_spec, tmp_path):
     from trainables.config import TrainConfig
     from trainables.train import run_training
