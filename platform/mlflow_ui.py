@@ -43,7 +43,8 @@ training option; its metrics are logged per epoch (`train/*` losses, `clean/tr1`
 the robust vision encoder under the artifact `checkpoint/` (safetensors + `card.json`). The
 parent run's artifact `report/report.html` is the sweep report (paper-style table, trade-off,
 importances, learning curves). The best trial is registered as the model `<experiment>-robust-vision`
-(alias `best`): `mlflow.pyfunc.load_model("models:/<name>@best")` embeds images."""
+(a sweep that searches `model`: each model's best as `<experiment>-<model>-robust-vision`), alias
+`best`: `mlflow.pyfunc.load_model("models:/<name>@best")` embeds images."""
 
 
 def _objectives(params: dict[str, Any]) -> list[dict]:
