@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(spec.search.objectives) > 1:
         print("\nPareto front:")
         print(format_table(summary["pareto_front"]))
-    for index, registered in enumerate(summary.get("registered", [])):
+    if summary.get("registered"):
+        print()
+    for registered in summary.get("registered", []):
         of = f" (best trial of {registered['model']})" if registered["model"] else ""
-        print(f"{'' if index else chr(10)}best checkpoint{of} registered as {registered['name']} v{registered['version']} (alias 'best')")
+        print(f"best checkpoint{of} registered as {registered['name']} v{registered['version']} (alias 'best')")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}   (parent run {summary['parent_run_id']})")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
