@@ -165,7 +165,7 @@ def trial_params(trial) -> dict[str, Any]:
     sha256 says which bytes it was (``trainables.models.embedded`` pinned them at the edge).
     """
     params = TrainConfig(**training_options(trial.config)).model_dump(mode="json")
-    sha256 = pinned_model(trial.config).get("sha256")
+    sha256 = (pinned_model(trial.config) or {}).get("sha256")
     return {**params, BASE_WEIGHTS_SHA256: sha256} if sha256 else params
 
 

@@ -140,11 +140,12 @@ def training_options(config: dict) -> dict:
     return {**config["train"], **{key: config[key] for key in config["sweep"]["searched"]}}
 
 
-def pinned_model(config: dict) -> dict[str, str]:
+def pinned_model(config: dict) -> dict[str, str] | None:
     """The trial's model as the sweep's edge pinned it, ``{"name": ..., "spec": ..., "sha256": ...}``, found by the spelling
-    the trial has (the fixed ``model``, or the value it drew when ``model`` is searched)."""
-    name = training_options(config)["model"]
-    return next(entry for entry in config["sweep"][PINNED_MODELS_KEY] if entry["name"] == name)
+    the trial has (the fixed ``model``, or the value it drew when ``model`` is searched); None when the sweep pinned
+    none (a trial config written without ``platform.sweep``'s edge: its model spec is used as written)."""
+    name = training_options(config).get("model")
+    return next((entry for entry in config["sweep"].get(PINNED_MODELS_KEY, ()) if entry["name"] == name), None)
 
 
 def worker_options(config: dict) -> dict:
@@ -154,7 +155,8 @@ def worker_options(config: dict) -> dict:
     canonical strings with absolute paths (``sweep.pinned_specs``), the model pinned to its weights file
     (``tiny-clip@<storage>/base-weights/tiny-clip-sha256-<hex>.safetensors``, from ``sweep.pinned_models``).
     """
-    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {}), "model": pinned_model(config)["spec"]}
+    pinned = pinned_model(config)
+    return {**training_options(config), **config["sweep"].get(PINNED_SPECS_KEY, {}), **({"model": pinned["spec"]} if pinned else {})}
 
 
 def run_trial(config: dict) -> None:
@@ -172,7 +174,7 @@ def run_trial(config: dict) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": worker_options(config), "objectives": sweep["objectives"],
-                           BASE_WEIGHTS_SHA256: pinned_model(config)["sha256"]},
+                           BASE_WEIGHTS_SHA256: (pinned_model(config) or {}).get("sha256")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sweep["workers_per_trial"],
             use_gpu=sweep["gpus_per_worker"] > 0,
