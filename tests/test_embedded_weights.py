@@ -141,6 +141,9 @@ def test_a_searched_model_pins_every_choice_and_each_trial_gets_its_own(pinned, 
     for name, model in zip(names, models):
         config = {"train": {"model": "tiny-clip"}, "sweep": {"searched": ["model"], PINNED_MODELS_KEY: models}, "model": name}
         assert pinned_model(config) == model and worker_options(config)["model"] == model["spec"]
+    # A trial config written without the sweep's edge (no pinned models): the spec as written, no sha256 to check.
+    unpinned = {"train": {"model": "tiny-clip", "lr": 1e-4}, "sweep": {"searched": []}}
+    assert pinned_model(unpinned) is None and worker_options(unpinned) == {"model": "tiny-clip", "lr": 1e-4}
 
 
 def _load_on_two_nodes(spec: str, expected_sha256: str, empty_cache: str) -> list[dict]:
