@@ -10,7 +10,7 @@ rank in its results (``worker_nodes``), which the test compares with the cluster
 One ``ray job submit`` to the head's dashboard: the job's driver attaches to the cluster and
 runs a sweep of one two-worker trial across two nodes. Once epoch 1 is in MLflow, a node
 holding a worker is removed (its processes SIGKILLed) and a fresh node added: Ray Train
-restarts the worker group on the remaining and the new node from the last checkpoint, the
+restarts the worker group on two live nodes from the last checkpoint, the
 MLflow run is the same run, every epoch is recorded exactly once, and ``ray job logs``
 shows Tune's trial table. (One job tests both: a separate job without the loss cost
 another minute of the suite.)
@@ -86,7 +86,7 @@ def two_worker_sweep(weights, name: str, epochs: int, **search) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # `ray job submit` to the cluster: a two-worker trial on two nodes, one of them lost mid-trial; the trial
-# resumes from its last checkpoint on the remaining and a new node, in the same MLflow run; Tune's table
+# resumes from its last checkpoint on two live nodes, in the same MLflow run; Tune's table
 # is in `ray job logs`
 # ---------------------------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ def test_a_job_on_the_cluster_trains_across_two_nodes_and_a_lost_node_resumes_in
     assert epoch_steps(client, run.info.run_id, "pgd/eps4/tr1") == [epochs]
 
     # Tune's results: every worker group ran its two ranks on two nodes of the cluster; the first included the lost
-    # node; the restarted one started from a checkpoint of an epoch already done, on the surviving and the new node.
+    # node; the restarted one started from a checkpoint of an epoch already done, on two live nodes.
     results = [r for r in tune_results(tmp_path / "shared") if EPOCH in r]
     trained = [r[EPOCH] for r in results if not r[REPLAYED_KEY]]
     assert trained == list(range(1, epochs + 1))  # no epoch trained twice, none skipped
@@ -168,9 +168,12 @@ def test_a_job_on_the_cluster_trains_across_two_nodes_and_a_lost_node_resumes_in
     first, restarted = results[0], [r for r in results if r[RESUMED_FROM_KEY] > 0]
     assert first[RESUMED_FROM_KEY] == 0 and removed in first[WORKER_NODES_KEY].split(",")
     assert restarted and all(r[EPOCH] >= r[RESUMED_FROM_KEY] >= 1 for r in restarted)
+    # Where the restarted group lands is Ray's choice: any two of the three live one-CPU nodes (head, survivor, new);
+    # what must hold is that no rank is on the lost node and every rank is on a node alive after the loss.
+    alive = alive_node_ids()
     for r in restarted:
         ranks = r[WORKER_NODES_KEY].split(",")
-        assert removed not in ranks and added in ranks, ranks
+        assert removed not in ranks and set(ranks) <= alive, (ranks, alive)
     history = [(r[EPOCH], r[RESUMED_FROM_KEY], r[REPLAYED_KEY], r[WORKER_NODES_KEY]) for r in results]
     print(f"node-loss history (epoch, resumed_from, replayed, nodes): {history}; removed {removed}, added {added}; "
           f"run {run.info.run_id}; head {cluster.head_node.node_id}")
