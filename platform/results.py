@@ -86,8 +86,11 @@ def finish_sweep(client: MlflowClient, spec: SweepSpec, summary: dict, wall_seco
     if best is not None and spec.tracking.register_best:
         registered = []
         for model, model_name in spec.registered_model_names().items():
-            rows = [row for row in summary["rows"] if model is None or row.get("model") == model]
-            run_id = best_trial_run(client, experiment_id, sweep_id, spec, pareto_front(rows, spec))
+            if model is None:  # one model: its best is the sweep's best
+                run_id = best
+            else:
+                rows = [row for row in summary["rows"] if row.get("model") == model]
+                run_id = best_trial_run(client, experiment_id, sweep_id, spec, pareto_front(rows, spec))
             if run_id is not None:
                 registered.append({"name": model_name, "version": register_best(client, run_id, model_name), "run_id": run_id,
                                    "model": model})

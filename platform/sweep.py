@@ -1,8 +1,9 @@
 """Run a hyperparameter sweep: ``python -m platform.sweep --space search_spaces/abc.yaml``.
 
 Ray Tune (Optuna TPE / NSGA-II or grid) samples the sweep file's space; each
-trial runs the training loop in a Ray Train ``TorchTrainer`` (DDP over
-``resources.workers_per_trial`` workers, CPU or GPU); every trial is an MLflow
+trial runs the training loop under Ray Train (a ``TorchTrainer``: DDP over
+``resources.workers_per_trial`` workers, CPU or GPU; one worker needs no process
+group and runs in Ray Train's plain ``DataParallelTrainer``); every trial is an MLflow
 child run of one parent run per sweep. ``--resume`` continues an interrupted
 sweep: the same Tune experiment, the same MLflow runs. Under ``ray job submit``
 (``RAY_ADDRESS`` set) the driver attaches to that cluster instead of starting one.

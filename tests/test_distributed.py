@@ -205,3 +205,31 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_reason(two_workers):
     # Stopped inside the first epoch: nothing reported, no checkpoint written.
     assert ranks[0]["reports"] == ranks[1]["reports"] == []
     assert not list((two_workers["out"] / "nan").rglob("vision.safetensors"))
+
+
+def _with_and_without_a_group(_index: int, config_json: str, port: int, out: str) -> None:
+    """One process: train without a process group (in-process, or a one-worker trial), then in a group of one (as
+    ``TorchTrainer`` ran one worker with DDP); each writes its weights."""
+    torch.set_num_threads(1)
+    config = TrainConfig.model_validate_json(config_json)
+    _train_one_case(config, Path(out) / "no-group")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=JOIN_SECONDS))
+    try:
+        _train_one_case(config, Path(out) / "group-of-one")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_worker_trains_the_same_weights_with_or_without_a_process_group(random_tiny_clip_weights, tmp_path):
+    """A one-worker sweep trial runs without a process group (``trainables.ray_worker._trainer_class``); it trains
+    bit for bit what it trained as a DDP group of one (same data order, same attack noise), and what
+    ``platform.finetune`` trains in-process."""
+    config = ddp_config(random_tiny_clip_weights)
+    mp.start_processes(_with_and_without_a_group, args=(config.model_dump_json(), _free_port(), str(tmp_path)),
+                       nprocs=1, join=True, start_method="spawn")
+    weights = {case: load_file(str(tmp_path / case / "vision.safetensors")) for case in ("no-group", "group-of-one")}
+    start = load_model(config.model).vision.state_dict()
+    assert any(not torch.equal(start[k], weights["no-group"][k]) for k in start)  # the epoch moved the weights
+    assert weights["no-group"].keys() == weights["group-of-one"].keys()
+    assert all(torch.equal(weights["no-group"][k], weights["group-of-one"][k]) for k in weights["no-group"])

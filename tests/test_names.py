@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import trainables.names as names
-from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, TRAIN_ATTACK, TRAIN_ORDER, derive_seed
+from trainables.seeds import EVAL_ATTACK, HONESTY_CHECK, TRAIN_ATTACK, derive_seed
 
 REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("trainables", "platform", "dashboards", "benchmarks")
@@ -101,7 +101,6 @@ def test_seed_helper_gives_the_old_formulas_values(seed):
     for epoch in range(1, 4):
         for rank in range(3):
             assert derive_seed(seed, TRAIN_ATTACK, epoch, rank) == seed * 1_000_003 + epoch * 1_009 + rank
-        assert derive_seed(seed, TRAIN_ORDER, epoch) == seed * 7_919 + epoch
     for batch_index in range(4):
         for run_index in range(5):
             assert derive_seed(seed, EVAL_ATTACK, batch_index, run_index) == seed * 1_000_003 + batch_index * 7919 + run_index

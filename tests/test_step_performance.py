@@ -230,12 +230,14 @@ def test_sweep_overhead_benchmark_runs_and_writes_its_documented_json(ray_sessio
 
 def test_processes_that_do_not_train_import_no_model_code():
     """Tune's trial actor and Ray Train's controller import ``trainables.ray_worker`` in fresh processes
-    every trial; only the Train workers need open_clip, transformers and the training loop."""
-    probe = ("import sys, trainables.ray_worker; "
-             "print(sorted(m for m in ('open_clip', 'transformers', 'trainables.train', 'trainables.models') if m in sys.modules))")
+    every trial; only the Train workers need torch, open_clip, transformers and the training loop. A
+    one-worker trial's trainer brings no torch in either (no process group); a several-worker trial's does (DDP)."""
+    probe = ("import sys, trainables.ray_worker as w; w._trainer_class(1); "
+             "print(sorted(m for m in ('torch', 'open_clip', 'transformers', 'trainables.train', 'trainables.models') if m in sys.modules)); "
+             "print(w._trainer_class(2).__name__, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.split("\n")[:2] == ["[]", "TorchTrainer True"], result.stdout
 
 
 def test_the_step_benchmark_times_every_round_on_the_starting_weights(random_tiny_clip_weights):

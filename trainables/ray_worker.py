@@ -4,8 +4,9 @@ Both run on Ray workers, where ``platform`` is the standard library's module, so
 they live here, in ``trainables``, and are the only code of it that imports Ray.
 
 ``run_trial`` is the Tune trial, the pattern Ray 2.4x+ documents for Train under
-Tune (Train V2): a plain function that builds a ``TorchTrainer`` and fits it;
-results flow back to Tune through ``TuneReportCallback``. The Train run's name is
+Tune (Train V2): a plain function that builds a Ray Train trainer and fits it
+(``TorchTrainer`` for several workers; for one, no torch process group: see
+``_trainer_class``); results flow back to Tune through ``TuneReportCallback``. The Train run's name is
 the sweep id plus the Tune trial id, never a timestamp, so a retried or resumed
 trial finds its own checkpoints in ``storage_path`` and continues from the last
 epoch.
@@ -41,7 +42,6 @@ import pyarrow.fs
 import ray
 import ray.train
 import ray.tune
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.errors import NonFiniteLossError
@@ -171,7 +171,7 @@ def run_trial(config: dict) -> None:
         # report its result again (Tune, Optuna and MLflow complete it) instead of restarting workers.
         ray.tune.report({**previous, REPLAYED_KEY: 1})
         return
-    trainer = TorchTrainer(
+    trainer = _trainer_class(sweep["workers_per_trial"])(
         train_loop_per_worker,
         train_loop_config={"train": worker_options(config), "objectives": sweep["objectives"],
                            BASE_WEIGHTS_SHA256: (pinned_model(config) or {}).get("sha256")},
@@ -194,6 +194,20 @@ def run_trial(config: dict) -> None:
     if result.checkpoint is not None:
         final[CHECKPOINT_PATH_KEY] = result.checkpoint.path
     _write_json(done, final)
+
+
+def _trainer_class(workers: int) -> type:
+    """Ray Train's trainer for a trial of ``workers`` workers: ``TorchTrainer`` (a torch process group, DDP) for several;
+    for one, its base ``DataParallelTrainer`` with no backend: one rank has no peer to synchronise with, and without
+    the torch backend neither Tune's trial actor nor Ray Train's controller imports torch (seconds per trial; see
+    BENCHMARKS.md, "Sweep overhead")."""
+    if workers == 1:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer
 
 
 def _done_file(sweep: dict, trial_id: str) -> str:

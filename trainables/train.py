@@ -1,8 +1,8 @@
 """The training loop: adversarial fine-tuning of the vision encoder, one function for every setting.
 
 ``run_training`` is ordinary PyTorch. It runs in-process (tests, ``platform.finetune``)
-and, unchanged, on every Ray Train worker (``trainables.ray_worker``), where
-``torch.distributed`` is initialised and the vision encoder is wrapped in DDP.
+and, unchanged, on every Ray Train worker (``trainables.ray_worker``); in a trial of several
+workers ``torch.distributed`` is initialised and the vision encoder is wrapped in DDP.
 Per epoch, in order: train (attack -> forward -> loss -> step), evaluate, checkpoint,
 report. On each epoch's first batch the loop also measures the gradient norm each
 weighted loss term alone gives the vision encoder (``train/gradnorm_*``,
@@ -39,7 +39,7 @@ from trainables.evaluation.examples import EXAMPLES_DIR, write_trial_examples
 from trainables.models import load_model
 from trainables.models.base import VLPModel
 from trainables.names import EPOCH, EPOCH_SECONDS, RANKS_FILE, SETUP_SECONDS, TRAIN_SECONDS, train_metric
-from trainables.seeds import TRAIN_ATTACK, TRAIN_ORDER, derive_seed
+from trainables.seeds import TRAIN_ATTACK, derive_seed
 from trainables.steps import STEPS, make_encoders, step_precision, tecoa_step, term_gradient_norms
 from trainables.tasks import EpochEval, Task, task_info
 
@@ -168,12 +168,11 @@ def run_training(config: TrainConfig, report: Reporter, checkpoint_root: Path, r
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed) if distributed else None
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        order = torch.Generator().manual_seed(derive_seed(config.seed, TRAIN_ORDER, epoch))
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, shuffle=sampler is None,
-                            generator=None if sampler is not None else order, collate_fn=collate, drop_last=False)
+        # One data order wherever the loop runs (in-process, a one-worker trial without a process group, or rank r
+        # of a DDP trial): DistributedSampler's, seeded by the run's seed and the epoch (one replica: every image).
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate, drop_last=False)
         generator = epoch_generator(config.seed, epoch, rank, device)
         totals: dict[str, float] = {}
         gradient_norms: dict[str, float] = {}

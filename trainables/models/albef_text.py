@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import BertTokenizer
 
 from trainables.errors import UserError
+
+if TYPE_CHECKING:  # imported by load_bert_tokenizer: a process that loads no ALBEF model does not pay for it
+    from transformers import BertTokenizer
 
 MAX_WORDS = 30  # pre_caption(caption, max_words=30) in every ALBEF dataset class
 MAX_TOKENS = 30  # Retrieval.py: truncation=True, max_length=30 -> [CLS] + 29 pieces
@@ -35,6 +38,8 @@ def load_bert_tokenizer(text_dir: Path) -> BertTokenizer:
     if not vocab.is_file():
         raise UserError(f"{text_dir} has no vocab.txt: save bert-base-uncased's tokenizer there "
                         "(BertTokenizer.from_pretrained('bert-base-uncased').save_pretrained(DIR) on a machine with internet)")
+    from transformers import BertTokenizer
+
     try:
         # from_pretrained maps vocab.txt in transformers 4.x and 5.x alike (their constructors differ).
         return BertTokenizer.from_pretrained(str(text_dir), local_files_only=True, do_lower_case=True)

@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
 from trainables.errors import UserError
 from trainables.models.base import VisionTower, VLPModel
 from trainables.models.hf_clip import image_statistics, load_pretrained, load_tokenizer, read_model_config
 from trainables.tasks import Task
+
+if TYPE_CHECKING:  # transformers' model classes cost ~0.75 s to import: only the loaders that need them import them
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
 # BLIP's retrieval configs truncate captions to 35 tokens (max_length in BLIP's tokenizer calls).
 TEXT_MAX_TOKENS = 35
@@ -268,6 +271,8 @@ def checkpoint_logit_scale(path: Path, blip: BlipForImageTextRetrieval) -> float
 
 def load_hf_blip_retrieval(path: Path, spec: str) -> BlipRetrievalVLP:
     """The ``BlipForImageTextRetrieval`` saved in ``path`` behind the platform interface."""
+    from transformers import BlipForImageTextRetrieval
+
     read_model_config(path, "hf-blip-itr", "BlipForImageTextRetrieval", "blip")
     blip = load_pretrained(BlipForImageTextRetrieval, path)
     mean, std = image_statistics(path)
@@ -276,6 +281,8 @@ def load_hf_blip_retrieval(path: Path, spec: str) -> BlipRetrievalVLP:
 
 def load_hf_blip_caption(path: Path, spec: str) -> BlipCaptionVLP:
     """The ``BlipForConditionalGeneration`` saved in ``path`` behind the platform interface."""
+    from transformers import BlipForConditionalGeneration
+
     read_model_config(path, "hf-blip-cap", "BlipForConditionalGeneration", "blip")
     blip = load_pretrained(BlipForConditionalGeneration, path)
     mean, std = image_statistics(path)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainables.errors import UserError
 from trainables.models.base import VisionTower, VLPModel
+
+if TYPE_CHECKING:  # transformers' model classes cost ~0.75 s to import: only the loaders that need them import them
+    from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase
 
 # Which spec kind loads which transformers architecture (to tell users what a directory is).
 ARCHITECTURE_KINDS = {
@@ -111,6 +114,8 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): save the model's tokenizer or "
             f"processor into the same folder with tokenizer.save_pretrained('{path}')"
         )
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -189,6 +194,8 @@ class HfClipVLP(VLPModel):
 
 def load_hf_clip(path: Path, spec: str) -> HfClipVLP:
     """The ``CLIPModel`` saved in ``path`` behind the platform interface."""
+    from transformers import CLIPModel
+
     read_model_config(path, "hf-clip", "CLIPModel", "clip")
     clip = load_pretrained(CLIPModel, path)
     mean, std = image_statistics(path)
