@@ -21,9 +21,10 @@ from trainables.ray_worker import run_trial
 # Services this driver starts (Ray's dashboard) listen here unless --dashboard-host says otherwise.
 LOCAL_HOST = "127.0.0.1"
 # A local Ray is one machine that no cluster manager drains: Ray Train's per-trial preemption watcher (one more
-# actor process per trial, polling every 5 s) has nothing to watch. Ray Train's controller sees a report or the end
-# of training at its next poll of the workers (every 2 s by default: on average 1 s of idle wait per trial end);
-# on one machine a poll is a local call, so it polls every 0.5 s. Set either in the environment to keep Ray's value.
+# actor process per trial, polling every 5 s) has nothing to watch. Ray Train's controller waits out its poll
+# interval (2 s by default) before each poll of the workers and learns what they did (started, reported, finished)
+# only at a poll; on one machine a poll is a local call, so it polls every 0.5 s (BENCHMARKS.md, "Sweep overhead
+# met": 14.2 -> 11.8 s of overhead per trial). Set either in the environment to keep Ray's value.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 

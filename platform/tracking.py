@@ -41,7 +41,7 @@ from trainables.names import (BASE_WEIGHTS_SHA256, CARD_FILE, CHECKPOINT_ARTIFAC
                               eps_fraction)
 from trainables.errors import UserError
 from trainables.evaluation.rerank import scoring_label
-from trainables.ray_worker import finished_result, pinned_model, training_options
+from trainables.ray_worker import finished_result, pinned_sha256, training_options
 from trainables.tasks import Task, task_info
 
 __all__ = ["CARD_FILE", "CHECKPOINT_ARTIFACT_DIR", "ENDED_STATUSES", "FAILURE_TAG", "ROLE_TAG", "SWEEP_TAG", "TRIAL_TAG",
@@ -165,7 +165,7 @@ def trial_params(trial) -> dict[str, Any]:
     sha256 says which bytes it was (``trainables.models.embedded`` pinned them at the edge).
     """
     params = TrainConfig(**training_options(trial.config)).model_dump(mode="json")
-    sha256 = (pinned_model(trial.config) or {}).get("sha256")
+    sha256 = pinned_sha256(trial.config)
     return {**params, BASE_WEIGHTS_SHA256: sha256} if sha256 else params
 
 

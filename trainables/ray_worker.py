@@ -148,6 +148,11 @@ def pinned_model(config: dict) -> dict[str, str] | None:
     return next((entry for entry in config["sweep"].get(PINNED_MODELS_KEY, ()) if entry["name"] == name), None)
 
 
+def pinned_sha256(config: dict) -> str | None:
+    """The sha256 of the trial's pinned base weights (what its workers verify and its run records), or None."""
+    return (pinned_model(config) or {}).get("sha256")
+
+
 def worker_options(config: dict) -> dict:
     """What the Train workers run: :func:`training_options` with the specs the sweep's edge parsed and pinned.
 
@@ -174,7 +179,7 @@ def run_trial(config: dict) -> None:
     trainer = _trainer_class(sweep["workers_per_trial"])(
         train_loop_per_worker,
         train_loop_config={"train": worker_options(config), "objectives": sweep["objectives"],
-                           BASE_WEIGHTS_SHA256: (pinned_model(config) or {}).get("sha256")},
+                           BASE_WEIGHTS_SHA256: pinned_sha256(config)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=sweep["workers_per_trial"],
             use_gpu=sweep["gpus_per_worker"] > 0,
