@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 from trainables.models import load_model, model_kind
 from trainables.models.albef import AlbefVLP, TclVLP
-from trainables.models.tiny_albef import (TINY_TCL, TinyAlbefConfig, MlmHead, _contrast, _hard_negatives, _mask_tokens,
-                                          albef_losses, bert_config, global_local_loss, model_dir, scene_ids, tcl_losses,
-                                          vit_config, warm_start, write_text_files)
+from trainables.models.tiny_albef import (load_tiny_albef, TINY_TCL, TinyAlbefConfig, MlmHead, _contrast, _hard_negatives, _mask_tokens,
+                                          albef_losses, bert_config, global_local_loss, model_dir, pretrain, scene_ids, tcl_losses,
+                                          supervised_start, vit_config, warm_start, write_text_files)
 
 SMALL = TinyAlbefConfig(vision_width=32, vision_layers=1, text_width=32, text_layers=1, fusion_layers=1, embed_dim=8)
 
@@ -81,6 +81,27 @@ def test_the_warm_start_trains_the_unimodal_encoders_and_leaves_the_fusion_alone
     assert fusion and not moved & fusion
     for prefix in ("visual_encoder.", "vision_proj.", "text_proj.", "text_encoder.embeddings.", "text_encoder.encoder.layer.0.", "temp"):
         assert any(name.startswith(prefix) for name in moved), prefix
+
+
+def test_the_supervised_image_stage_trains_the_vit_alone(tmp_path):
+    net, _ = _small_net(tmp_path)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    supervised_start(net, replace(SMALL, warm_images=64, warm_batch_size=16, supervised_steps=3), progress=False)
+    moved = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == {name for name in before if name.startswith("visual_encoder.")}
+
+
+@pytest.mark.parametrize("objectives", ["albef", "tcl"])
+def test_every_pretraining_stage_runs_and_the_result_loads_in_albefs_layout(tmp_path, monkeypatch, objectives):
+    monkeypatch.setenv("MAVA_CACHE_DIR", str(tmp_path / "cache"))
+    config = replace(SMALL, objectives=objectives, supervised_steps=2, warm_images=32, warm_epochs=1, warm_batch_size=16,
+                     train_images=32, epochs=1, batch_size=16)
+    write_text_files(tmp_path, config)
+    state = pretrain(config, tmp_path, progress=False)
+    assert all(torch.isfinite(value).all() for value in state.values())
+    save_file(state, str(tmp_path / "weights.safetensors"))
+    model = load_tiny_albef(f"tiny-{objectives}", str(tmp_path / "weights.safetensors"), config)
+    assert model.family == objectives and model.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, config.embed_dim)
 
 
 def test_the_cache_is_content_addressed():
