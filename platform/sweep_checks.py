@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from trainables.config import TrainConfig, parse_eps
 from trainables.errors import UserError
+from trainables.names import eps_fraction
 from trainables.tasks import task_info
 
 if TYPE_CHECKING:
@@ -182,7 +183,8 @@ def check_objectives(spec: SweepSpec) -> None:
         if objective.metric not in valid:
             raise UserError(
                 f"search.objectives[{index}].metric: {objective.metric!r} is not produced by this sweep's evaluation "
-                f"({produced_by}); valid: {', '.join(valid)}"
+                f"({produced_by}; here eval_attacks [{', '.join(spec.experiment.eval_attacks)}], "
+                f"eval_eps [{', '.join(eps_fraction(e) for e in spec.experiment.eval_eps)}]); valid: {', '.join(valid)}"
             )
 
 

@@ -145,3 +145,16 @@ def write_tiny_albef_ve_spec(directory: Path) -> str:
     finally:
         HIDDEN = saved
     return f"albef:{text_dir}@{checkpoint}"
+
+
+def write_shifted_encoder(spec: str, path: Path, seed: int) -> Path:
+    """A 'fine-tuned' vision encoder of ``spec``'s model: its ViT with perturbed weights, saved as a training
+    checkpoint stores it (``vision.safetensors`` at ``path``)."""
+    from safetensors.torch import save_file
+
+    from trainables.models import load_model
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: (v + 0.05 * torch.randn(v.shape, generator=generator)).contiguous() for k, v in load_model(spec).vision.state_dict().items()}
+    save_file(state, str(path))
+    return path

@@ -5,16 +5,15 @@ from __future__ import annotations
 import albef_fakes
 import pytest
 import torch
-from albef_fakes import write_tiny_albef
+from albef_fakes import write_shifted_encoder, write_tiny_albef
 from PIL import Image
-from safetensors.torch import save_file
 
 from platform.gradcam import main
 from trainables.data import load_dataset, parse_data_spec
 from trainables.errors import UserError
 from trainables.evaluation.gradcam import gradcam_map, heat_overlay
 from trainables.evaluation.gradcam_figure import draw_panels, entailment_panels, only_indices
-from trainables.models import load_model, parse_model_spec
+from trainables.models import parse_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,7 @@ def ve_spec(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def shifted_encoder(ve_spec, tmp_path_factory):
-    """A 'fine-tuned' vision encoder: the base ViT with perturbed weights, as a training checkpoint stores it."""
-    model = load_model(ve_spec)
-    generator = torch.Generator().manual_seed(5)
-    state = {k: (v + 0.05 * torch.randn(v.shape, generator=generator)).contiguous() for k, v in model.vision.state_dict().items()}
-    path = tmp_path_factory.mktemp("encoder") / "vision.safetensors"
-    save_file(state, str(path))
-    return path
+    return write_shifted_encoder(ve_spec, tmp_path_factory.mktemp("encoder") / "vision.safetensors", seed=5)
 
 
 def test_panels_are_the_gradcam_of_the_true_class_on_each_encoders_own_attack(ve_spec, shifted_encoder):

@@ -133,13 +133,13 @@ TASKS: dict[Task, TaskInfo] = {
         summary_keys=GROUNDING_KEYS[:1], table_keys=GROUNDING_KEYS, rank_key=GROUNDING_KEYS[0],
         defenses=("mava", "fare", "tecoa"), white_box_eval=True,
         threat_model="white-box (attacks computed on the fine-tuned model itself)",
-        produces="experiment.eval_attacks (pgd, co-attack) x eval_eps, grounding accuracy",
+        produces="experiment.eval_attacks (any of pgd, co-attack) x eval_eps, grounding accuracy",
     ),
     Task.ENTAILMENT: TaskInfo(
         evaluate=evaluate_entailment_epoch, metric_keys=ENTAILMENT_KEYS, objective_keys=ENTAILMENT_KEYS,
         summary_keys=ENTAILMENT_KEYS, table_keys=ENTAILMENT_KEYS, rank_key=ENTAILMENT_KEYS[0], defenses=("mava", "fare", "tecoa"),
         white_box_eval=True, threat_model="white-box (attacks computed on the fine-tuned entailment model itself), all pairs scored",
-        produces="experiment.eval_attacks x eval_eps (pgd, co-attack, sga) on entailment pairs",
+        produces="experiment.eval_attacks (any of pgd, co-attack, sga) x eval_eps, on entailment pairs",
     ),
 }
 

@@ -104,9 +104,9 @@ def map_agreement(panels: list[Panel], reference: str) -> dict[tuple[str, str], 
     return found
 
 
-def _hypothesis_text(panel: Panel, width: int = 28) -> str:
-    """The hypothesis, replaced words in capitals (matplotlib text has no highlight), wrapped."""
-    words = [w.upper() if i in panel.changed else w for i, w in enumerate(panel.hypothesis.split())]
+def marked_words(text: str, changed: list[int], width: int = 28) -> str:
+    """``text`` with the words at ``changed`` in capitals (matplotlib text has no highlight), wrapped at ``width``."""
+    words = [w.upper() if i in changed else w for i, w in enumerate(text.split())]
     lines, line = [], ""
     for word in words:
         if line and len(line) + 1 + len(word) > width:
@@ -144,7 +144,7 @@ def draw_panels(panels: list[Panel], title: str) -> Figure:
                 label = attack if panel.eps is None else f"{attack} {eps_fraction(panel.eps)}"
                 axes.set_ylabel(f"pair {pair}\n{label}", fontsize=8)
             verdict = "right" if panel.predicted == panel.label else f"wrong: {LABEL_NAMES[panel.predicted]}"
-            axes.set_xlabel(f"{_hypothesis_text(panel)}\n{verdict}\np({LABEL_NAMES[panel.label]}) = {panel.p_true:.2f}",
+            axes.set_xlabel(f"{marked_words(panel.hypothesis, panel.changed)}\n{verdict}\np({LABEL_NAMES[panel.label]}) = {panel.p_true:.2f}",
                             fontsize=6.5, color="#1a7f37" if panel.predicted == panel.label else "#b42318")
     return figure
 

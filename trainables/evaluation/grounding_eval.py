@@ -181,7 +181,8 @@ def accuracy_keys(hits: list[bool], splits: list[str]) -> tuple[dict[str, float]
     return {key: 100.0 * correct / total for key, (correct, total) in counts.items()}, counts
 
 
-def _candidates(settings: GroundingSettings, attacker, device: torch.device):
+def grounding_candidates(settings: GroundingSettings, attacker, device: torch.device):
+    """Co-attack's word source over the attacker's raw ``[CLS]`` features (None when no attack substitutes words)."""
     if "co-attack" not in settings.attacks:
         return None
     from trainables.attacks.word_candidates import OFFLINE, candidate_source  # local: may load transformers
@@ -213,7 +214,7 @@ def _rows(model, dataset, settings: GroundingSettings, surrogate, progress: bool
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate_grounding)
     device = model.pixel_mean.device
     attacker = surrogate if surrogate is not None else model
-    candidates = _candidates(settings, attacker, device)
+    candidates = grounding_candidates(settings, attacker, device)
     runs = [(CLEAN, None)] + [(attack, eps) for attack in settings.attacks for eps in settings.eps]
     hits: dict[tuple, list[bool]] = {run: [] for run in runs}
     sources: dict[tuple, set[str]] = {run: set() for run in runs}
