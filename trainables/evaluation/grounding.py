@@ -73,10 +73,14 @@ def best_proposal(heat: torch.Tensor, proposals: Sequence[Box], exponent: float 
     return int(torch.argmax(proposal_scores(heat, proposals, exponent)))
 
 
+def choose_proposal(grid_map: torch.Tensor, image_size: tuple[int, int], proposals: Sequence[Box]) -> int:
+    """Index of the predicted proposal for one item: upsample the (g, g) map to (height, width), pick the best."""
+    return best_proposal(upsample_map(grid_map, image_size), proposals)
+
+
 def ground(grid_map: torch.Tensor, image_size: tuple[int, int], proposals: Sequence[Box]) -> tuple[float, ...]:
-    """Predicted box for one item: upsample the (g, g) map to (height, width), pick the best proposal."""
-    heat = upsample_map(grid_map, image_size)
-    return tuple(float(v) for v in proposals[best_proposal(heat, proposals)][:4])
+    """Predicted box for one item (:func:`choose_proposal`'s)."""
+    return tuple(float(v) for v in proposals[choose_proposal(grid_map, image_size, proposals)][:4])
 
 
 def is_hit(gt_box: Box, predicted: Box, threshold: float = HIT_IOU) -> bool:

@@ -160,6 +160,19 @@ def co_attack_grounding(model, images: torch.Tensor, expressions: list[str], eps
     return dataclasses.replace(output, text_source=f"{output.text_source}, {view.name} features")
 
 
+def run_grounding_attack(attack: str, attacker, images: torch.Tensor, expressions: list[str], eps: float,
+                         generator: torch.Generator, candidates=None) -> tuple[torch.Tensor, list[str], str | None]:
+    """One attack of ``GROUNDING_ATTACKS`` on (image, expression) pairs: (scored images, scored expressions, text source).
+
+    PGD changes the images only; Co-attack also substitutes a word of each expression, and grounding is
+    then scored on both adversarial halves (its text source names the word source and the features).
+    """
+    if attack == "pgd":
+        return pgd_itm_attack(attacker, images, expressions, eps, generator).images.detach(), list(expressions), None
+    output = co_attack_grounding(attacker, images, expressions, eps, generator, candidates)
+    return output.images.detach(), [group[0] for group in output.captions], output.text_source
+
+
 def grounding_maps(model, images: torch.Tensor, expressions: list[str], layer: int | None = None) -> torch.Tensor:
     """(B, grid, grid) GradCAM maps of the ITM logit over the model's cross-attention (``model.itm_cross_attention``)."""
     logits, attention, mask = model.itm_cross_attention(images, list(expressions), layer)
@@ -229,13 +242,9 @@ def _rows(model, dataset, settings: GroundingSettings, surrogate, progress: bool
                 # Seed per (batch, run) so each cell of the table is reproducible on its own.
                 generator = torch.Generator(device=images.device).manual_seed(
                     derive_seed(settings.seed, EVAL_ATTACK, batch_index, run_index))
-                if attack == "pgd":
-                    output = pgd_itm_attack(attacker, images, expressions, eps, generator)
-                else:
-                    output = co_attack_grounding(attacker, images, expressions, eps, generator, candidates)
-                    sources[(attack, eps)].add(output.text_source)
-                    expressions = [group[0] for group in output.captions]
-                scored = output.images.detach()
+                scored, expressions, source = run_grounding_attack(attack, attacker, images, expressions, eps, generator, candidates)
+                if source is not None:
+                    sources[(attack, eps)].add(source)
             else:
                 scored = images
             # GradCAM on the target: activation gradients only; the target's weights never get a gradient.

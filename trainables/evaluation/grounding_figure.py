@@ -23,8 +23,8 @@ from trainables.data.grounding import collate_grounding
 from trainables.evaluation.examples import changed_words
 from trainables.evaluation.gradcam import heat_overlay, upsample_map
 from trainables.evaluation.gradcam_figure import marked_words
-from trainables.evaluation.grounding import HIT_IOU, best_proposal, box_iou
-from trainables.evaluation.grounding_eval import co_attack_grounding, grounding_maps, pgd_itm_attack
+from trainables.evaluation.grounding import HIT_IOU, box_iou, choose_proposal
+from trainables.evaluation.grounding_eval import grounding_maps, run_grounding_attack
 from trainables.names import CLEAN, eps_fraction
 from trainables.seeds import EXAMPLES, derive_seed
 
@@ -75,25 +75,19 @@ def grounding_panels(models: dict[str, object], dataset, indices: list[int], att
         images = batch.images.to(device)
         with eval_mode(model):
             for run_index, attack in enumerate((CLEAN,) + tuple(attacks)):
-                expressions = list(batch.expressions)
-                if attack == CLEAN:
-                    scored = images
-                else:
+                scored, expressions = images, list(batch.expressions)
+                if attack != CLEAN:
                     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, EXAMPLES, run_index))
-                    if attack == "pgd":
-                        output = pgd_itm_attack(model, images, expressions, eps, generator)
-                    else:
-                        output = co_attack_grounding(model, images, expressions, eps, generator, candidates)
-                        expressions = [group[0] for group in output.captions]
-                    scored = output.images.detach()
+                    scored, expressions, _ = run_grounding_attack(attack, model, images, expressions, eps, generator, candidates)
                 maps = grounding_maps(model, scored, expressions, layer).cpu()
-                pictures = heat_overlay(scored.cpu(), upsample_map(maps, tuple(scored.shape[-2:])))
+                heats = upsample_map(maps, tuple(scored.shape[-2:]))
+                pictures = heat_overlay(scored.cpu(), heats)
                 for b, box in enumerate(batch.boxes):
                     proposals = batch.proposals[b]
-                    chosen = best_proposal(upsample_map(maps[b], batch.original_sizes[b]), proposals)
+                    chosen = choose_proposal(maps[b], batch.original_sizes[b], proposals)
                     panels.append(GroundingPanel(
                         encoder=encoder, pair=b, attack=attack, eps=None if attack == CLEAN else eps, picture=pictures[b],
-                        heat=upsample_map(maps[b], tuple(scored.shape[-2:])), expression=expressions[b],
+                        heat=heats[b], expression=expressions[b],
                         changed=changed_words(batch.expressions[b], expressions[b]), box=tuple(box),
                         proposals=tuple(tuple(p[:4]) for p in proposals), chosen=chosen,
                         iou=box_iou(box, proposals[chosen][:4]), original_size=tuple(batch.original_sizes[b])))
