@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from trainables.data.synthetic import SyntheticWorld
-from trainables.data.synthetic_ve import SyntheticEntailment
+from trainables.data.synthetic_ve import DOMAINS, SyntheticEntailment
 from trainables.data.synthetic_vg import SyntheticGrounding
 from trainables.models.albef import AlbefNet
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer
@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 from trainables.models import load_model, model_kind
 from trainables.models.albef import AlbefVLP, TclVLP
-from trainables.models.tiny_albef import (load_tiny_albef, TINY_TCL, TinyAlbefConfig, MlmHead, _contrast, _hard_negatives, _mask_tokens,
+from trainables.models.tiny_albef import (AttributeHeads, load_tiny_albef, TINY_TCL, TinyAlbefConfig, MlmHead, _contrast, _hard_negatives, _mask_tokens,
                                           albef_losses, bert_config, global_local_loss, model_dir, pretrain, scene_ids, tcl_losses,
-                                          supervised_start, vit_config, warm_start, write_text_files)
+                                          supervised_start, train_split, vit_config, warm_start, write_text_files)
 
 SMALL = TinyAlbefConfig(vision_width=32, vision_layers=1, text_width=32, text_layers=1, fusion_layers=1, embed_dim=8)
 
@@ -75,18 +75,70 @@ def test_every_albef_term_is_finite_and_trains_every_saved_weight(tmp_path):
 def test_the_warm_start_trains_the_unimodal_encoders_and_leaves_the_fusion_alone(tmp_path):
     net, tokenizer = _small_net(tmp_path)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
-    warm_start(net, replace(SMALL, warm_images=64, warm_epochs=1, warm_batch_size=16), tokenizer, progress=False)
+    config = replace(SMALL, warm_images=64, warm_epochs=1, warm_batch_size=16, train_images=32)
+    world, pieces = train_split(config, tokenizer)
+    heads = AttributeHeads(SMALL.vision_width)
+    heads_before = copy.deepcopy(heads.state_dict())
+    warm_start(net, heads, AttributeHeads.labels(world), config, tokenizer, world, pieces, progress=False)
     moved = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
     fusion = {name for name in before if name.startswith("itm_head") or name.startswith(f"text_encoder.encoder.layer.{SMALL.text_layers}.")}
     assert fusion and not moved & fusion
     for prefix in ("visual_encoder.", "vision_proj.", "text_proj.", "text_encoder.embeddings.", "text_encoder.encoder.layer.0.", "temp"):
         assert any(name.startswith(prefix) for name in moved), prefix
+    assert all(not torch.equal(value, heads_before[name]) for name, value in heads.state_dict().items())  # attribute_weight 1
+
+
+def test_without_attribute_weight_the_heads_leave_the_warm_start_alone(tmp_path):
+    net, tokenizer = _small_net(tmp_path)
+    config = replace(SMALL, warm_images=32, warm_epochs=1, warm_batch_size=16, train_images=32, attribute_weight=0.0)
+    world, pieces = train_split(config, tokenizer)
+    heads = AttributeHeads(SMALL.vision_width)
+    heads_before = copy.deepcopy(heads.state_dict())
+    warm_start(net, heads, AttributeHeads.labels(world), config, tokenizer, world, pieces, progress=False)
+    assert all(torch.equal(value, heads_before[name]) for name, value in heads.state_dict().items())
+
+
+def test_the_attribute_heads_read_each_scenes_own_attributes():
+    world = SyntheticWorld("train", 30, seed=2)
+    labels = AttributeHeads.labels(world)
+    width = sum(len(values) for values in DOMAINS.values())
+    heads = AttributeHeads(width)
+    assert set(labels) == set(heads.heads) == {"shape", "colour", "size", "count", "position", "background"}
+    # A CLS that is the one-hot code of every attribute, and heads that read their own slice of it.
+    cls, offset = torch.zeros(30, width), 0
+    with torch.no_grad():
+        for name, values in labels.items():
+            classes = heads.heads[name].out_features
+            assert values.shape == (30,) and 0 <= int(values.min()) and int(values.max()) < classes
+            assert len({getattr(scene, name) for scene in world.scenes}) == len(set(values.tolist()))  # one class per value
+            cls[torch.arange(30), offset + values] = 1.0
+            heads.heads[name].weight.zero_()
+            heads.heads[name].weight[:, offset:offset + classes] = 20 * torch.eye(classes)
+            heads.heads[name].bias.zero_()
+            offset += classes
+    assert heads(cls, labels) < 1e-3  # the scene's own attributes
+    assert heads(cls, {name: (values + 1) % heads.heads[name].out_features for name, values in labels.items()}) > 6 * 19
+
+
+def test_the_stages_share_one_rendered_and_tokenised_train_split(tmp_path):
+    # Every stage reads a prefix of one world; it must be the world the stage would have built alone.
+    _, tokenizer = _small_net(tmp_path)
+    world, pieces = train_split(replace(SMALL, warm_images=12, train_images=20), tokenizer)
+    alone = SyntheticWorld("train", 12, image_size=SMALL.image_size, seed=SMALL.seed)
+    assert len(world) == 20 and torch.equal(world.images[:12], alone.images) and world.captions[:12] == alone.captions
+    assert torch.equal(scene_ids(world)[:12][:, None] == scene_ids(world)[:12][None], scene_ids(alone)[:, None] == scene_ids(alone)[None])
+    which = torch.tensor([4, 0, 2])
+    batch = [world.captions[i][w] for i, w in zip([3, 11, 0], which.tolist())]
+    from_pieces = tokenizer.pad([pieces[i][w] for i, w in zip([3, 11, 0], which.tolist())])
+    assert all(torch.equal(from_pieces[key], tokenizer(batch)[key]) for key in ("input_ids", "attention_mask"))
 
 
 def test_the_supervised_image_stage_trains_the_vit_alone(tmp_path):
-    net, _ = _small_net(tmp_path)
+    net, tokenizer = _small_net(tmp_path)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
-    supervised_start(net, replace(SMALL, warm_images=64, warm_batch_size=16, supervised_steps=3), progress=False)
+    config = replace(SMALL, warm_images=64, warm_batch_size=16, supervised_steps=3, train_images=32)
+    world, _ = train_split(config, tokenizer)
+    supervised_start(net, AttributeHeads(SMALL.vision_width), AttributeHeads.labels(world), config, world, progress=False)
     moved = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
     assert moved == {name for name in before if name.startswith("visual_encoder.")}
 

@@ -63,7 +63,10 @@ class AlbefTokenizer:
         return [[self.cls_id] + ids[: self.max_tokens - 1] for ids in encoded]
 
     def __call__(self, texts: list[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        rows = self.pieces(list(texts))
+        return self.pad(self.pieces(list(texts)), device)
+
+    def pad(self, rows: list[list[int]], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Rows of :meth:`pieces` as a batch padded to its longest row (what ``__call__`` returns)."""
         length = max((len(row) for row in rows), default=1)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
