@@ -1,6 +1,7 @@
 """Which attributes of the synthetic world does a model's image and text feature hold? Linear probes.
 
     python -m platform.probe --model tiny-clip [--checkpoint RUN/checkpoint] [--train 3000] [--test 1000]
+    python -m platform.probe --model tiny-albef --patches   # do the ViT's patch tokens stay local?
 
 Encodes ``synthetic:train,n=TRAIN`` and ``synthetic:test,n=TEST`` (images: F(v), the feature
 retrieval ranks by and MAVA fine-tunes; text: the first caption template's embedding), fits one
@@ -8,6 +9,11 @@ linear probe per captioned attribute on the training features (trainables/evalua
 and prints each probe's test accuracy beside chance. A probe at chance means a cosine ranking
 over that feature cannot tell scenes apart by that attribute (docs/models-and-data.md, "What
 the embedded encoders see").
+
+``--patches`` probes the ViT's output patch tokens instead (models whose fusion layers read them:
+ALBEF, TCL, BLIP) on the multi-object grounding scenes (``synthetic-vg``): the colour of the
+object under each object patch, read from the patch's own token and, as the control, from
+another patch's token of the same image (docs/grounding.md, "Why 50% is not reached").
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import torch
 from platform.cli import positive_int, run_cli
 from platform.evaluate import load_evaluated_model, vision_weights_path
 from trainables.data.synthetic import SyntheticWorld
+from trainables.data.synthetic_vg import SyntheticGrounding
 from trainables.errors import UserError
-from trainables.evaluation.probes import ATTRIBUTES, probe_attributes
+from trainables.evaluation.probes import ATTRIBUTES, PATCH_CLASSES, patch_colour_labels, probe_attributes, probe_patch_colour
 from trainables.models import parse_model_spec
 
 BATCH = 250
@@ -36,15 +43,46 @@ def encode(model, world: SyntheticWorld) -> tuple[torch.Tensor, torch.Tensor]:
     return image_features.float(), text_features.float()
 
 
+@torch.no_grad()
+def patch_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(N, patches, width) output patch tokens of uint8 images, and the patch side in pixels."""
+    pixels = images.float().div(255.0)
+    tokens = torch.cat([model.image_tokens(pixels[i:i + BATCH])[:, 1:] for i in range(0, len(pixels), BATCH)]).float()
+    grid = round(tokens.shape[1] ** 0.5)
+    return tokens, model.image_size // grid
+
+
+def probe_patches(model, name: str, train_size: int, test_size: int) -> None:
+    """Print the patch-token colour probes (own patch, another patch of the same image) on synthetic-vg scenes."""
+    if not hasattr(model, "image_tokens"):
+        raise UserError(f"model {name!r} has no patch tokens for fusion layers to read: --patches probes ALBEF, TCL or BLIP models "
+                        "(tiny-albef, tiny-tcl, albef:..., blip:...); drop --patches to probe its image feature")
+    train = SyntheticGrounding("train", train_size, image_size=model.image_size)
+    test = SyntheticGrounding("test", test_size, image_size=model.image_size)
+    (train_tokens, patch), (test_tokens, _) = patch_tokens(model, train.images), patch_tokens(model, test.images)
+    test_labels = patch_colour_labels(test.images, patch)
+    results = probe_patch_colour(train_tokens, patch_colour_labels(train.images, patch), test_tokens, test_labels)
+    print(f"patch-token probes of {name}: the colour of the object under each object patch, test accuracy % "
+          f"(synthetic-vg: {train_size} training, {test_size} test scenes with "
+          f"{int((test_labels != PATCH_CLASSES.index('background')).sum())} object patches of {patch} px; chance = the majority colour)")
+    print(f"chance                                {results['own'].chance:6.1f}")
+    print(f"own patch's token                     {results['own'].accuracy:6.1f}")
+    print(f"another patch's token, same image     {results['other'].accuracy:6.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m platform.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model spec with a text encoder, e.g. tiny-clip or tiny-albef")
     parser.add_argument("--checkpoint", help="fine-tuned vision weights: a checkpoint directory holding vision.safetensors, or a .safetensors file")
     parser.add_argument("--train", type=positive_int, default=3000, help="synthetic training scenes the probes are fitted on (default 3000)")
     parser.add_argument("--test", type=positive_int, default=1000, help="synthetic test scenes they are scored on (default 1000)")
+    parser.add_argument("--patches", action="store_true", help="probe the ViT's output patch tokens on synthetic-vg scenes (ALBEF, TCL, BLIP)")
     args = parser.parse_args(argv)
     model = load_evaluated_model(parse_model_spec(args.model), vision_weights_path(args.checkpoint) if args.checkpoint else None,
                                  torch.device("cpu"))
+    if args.patches:
+        probe_patches(model, args.model + (" + " + args.checkpoint if args.checkpoint else ""), args.train, args.test)
+        return 0
     if not model.has_text_encoder:
         raise UserError(f"model {args.model!r} has no text encoder to probe: use a retrieval model (tiny-clip, tiny-albef, ...)")
     train = SyntheticWorld("train", args.train, image_size=model.image_size, seed=0)
