@@ -111,7 +111,7 @@ def model_plan(model: str) -> str:
         # Pretraining is compute (minutes), not a check: say that the run will do it.
         return f"tiny-clip, not pretrained yet: the run pretrains it once into {cached_weights_path()} before the trials"
     if model in EMBEDDED_WEIGHTS and model != "tiny-clip":
-        # The other embedded models (tiny-albef, tiny-tcl, tiny-albef-ve, tiny-tcl-ve) are built by the platform, no user file to
+        # The other embedded models (tiny-albef, tiny-tcl and their -ve and -vg fine-tunes) are built by the platform, no user file to
         # check; loading one may mean pretraining it, which is the run's compute, not a check's.
         return f"{model}, embedded: the run uses its cached weights, pretraining them first if this machine has none"
     check_model_loads(model)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = {"tiny-clip": "tiny-clip", "open_clip": "open_clip:ViT-B-16@/w.pt", "hf-clip": "hf-clip:/d",
          "hf-blip-itr": "hf-blip-itr:/d", "hf-blip-cap": "hf-blip-cap:/d", "albef": "albef:/d@/w.pth", "tcl": "tcl:/d@/w.pth",
          "tiny-albef-ve": "tiny-albef-ve@/w.safetensors", "tiny-tcl-ve": "tiny-tcl-ve@/w.safetensors", "tiny-albef": "tiny-albef",
-         "tiny-tcl": "tiny-tcl"}
+         "tiny-tcl": "tiny-tcl", "tiny-albef-vg": "tiny-albef-vg@/w.safetensors", "tiny-tcl-vg": "tiny-tcl-vg@/w.safetensors"}
 
 
 def test_every_model_kind_declares_a_family_and_tasks_that_its_class_agrees_with():

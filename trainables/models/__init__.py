@@ -16,6 +16,8 @@ A model spec is a string a user writes in YAML or on the command line::
     tcl:/abs/bert-dir@/abs/ckpt.pth        TCL (ALBEF's architecture and checkpoint layout)
     tiny-albef-ve[@/abs/w.safetensors]     embedded tiny-albef fine-tuned for visual entailment (cached on first use)
     tiny-tcl-ve[@/abs/w.safetensors]       embedded tiny-tcl fine-tuned for visual entailment by the same recipe
+    tiny-albef-vg[@/abs/w.safetensors]     embedded tiny-albef fine-tuned for grounding (cached on first use)
+    tiny-tcl-vg[@/abs/w.safetensors]       embedded tiny-tcl fine-tuned for grounding by the same recipe
 
 Nothing is ever downloaded. Kinds live in the plain dict ``MODEL_KINDS`` below.
 docs/models-and-data.md describes each kind and its checks.
@@ -36,6 +38,7 @@ from trainables.errors import UserError
 from trainables.models.albef import AlbefVLP, TclVLP, load_albef
 from trainables.models.base import VLPModel
 from trainables.models.tiny_albef_ve import TinyAlbefVeVLP, TinyTclVeVLP, load_tiny_albef_ve
+from trainables.models.tiny_albef_vg import TinyAlbefVgVLP, TinyTclVgVLP, load_tiny_albef_vg
 from trainables.models.hf_blip import BlipCaptionVLP, BlipRetrievalVLP, load_hf_blip_caption, load_hf_blip_retrieval
 from trainables.models.hf_clip import HfClipVLP, load_hf_clip
 from trainables.models.open_clip_model import OpenClipVLP, build_open_clip
@@ -147,6 +150,10 @@ def _load_tiny_albef_ve(spec: ModelSpec) -> VLPModel:
     return load_tiny_albef_ve(str(spec), spec.weights, family="tcl" if spec.kind == "tiny-tcl-ve" else "albef")
 
 
+def _load_tiny_albef_vg(spec: ModelSpec) -> VLPModel:
+    return load_tiny_albef_vg(str(spec), spec.weights, family="tcl" if spec.kind == "tiny-tcl-vg" else "albef")
+
+
 def _load_albef(spec: ModelSpec) -> VLPModel:
     return load_albef(Path(spec.name), spec.weights, str(spec), family=spec.kind)
 
@@ -191,6 +198,8 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "tcl": ModelKind(True, _load_albef, TclVLP, "tcl", (Task.RETRIEVAL, Task.ENTAILMENT, Task.GROUNDING)),
     "tiny-albef-ve": ModelKind(False, _load_tiny_albef_ve, TinyAlbefVeVLP, "albef", (Task.ENTAILMENT,)),
     "tiny-tcl-ve": ModelKind(False, _load_tiny_albef_ve, TinyTclVeVLP, "tcl", (Task.ENTAILMENT,)),
+    "tiny-albef-vg": ModelKind(False, _load_tiny_albef_vg, TinyAlbefVgVLP, "albef", (Task.GROUNDING, Task.RETRIEVAL)),
+    "tiny-tcl-vg": ModelKind(False, _load_tiny_albef_vg, TinyTclVgVLP, "tcl", (Task.GROUNDING, Task.RETRIEVAL)),
 }
 # Kinds whose name is a local directory (made absolute at parsing: Ray workers run elsewhere);
 # their weights come from that directory, so they take no '@weights'.

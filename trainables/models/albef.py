@@ -147,15 +147,18 @@ class AlbefVLP(VLPModel):
         text = self.text_encoder.text(tokens["input_ids"], tokens["attention_mask"])
         return self.text_encoder.fusion(text, tokens["attention_mask"], image_tokens)[:, 0]
 
-    def itm_pair_logits(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """(P,) raw ITM "match" logits ``itm_head(fusion CLS)[:, 1]`` of pairs (image_tokens[p], texts[p])."""
+    def itm_logits(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(P, 2) ITM logits ``itm_head(fusion CLS)`` (no match, match) of pairs (image_tokens[p], texts[p])."""
         self._need("itm", "score image-text matching")
         if image_tokens.shape[0] != len(texts):
             raise ValueError(f"{image_tokens.shape[0]} images but {len(texts)} texts: ITM scores pairs")
-        logits = [self.itm_head(self._fusion_cls(image_tokens[start:start + ITM_PAIR_BATCH],
-                                                 texts[start:start + ITM_PAIR_BATCH]))[:, 1]
+        logits = [self.itm_head(self._fusion_cls(image_tokens[start:start + ITM_PAIR_BATCH], texts[start:start + ITM_PAIR_BATCH]))
                   for start in range(0, len(texts), ITM_PAIR_BATCH)]
-        return torch.cat(logits) if logits else image_tokens.new_zeros(0)
+        return torch.cat(logits) if logits else image_tokens.new_zeros(0, 2)
+
+    def itm_pair_logits(self, image_tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(P,) raw ITM "match" logits ``itm_head(fusion CLS)[:, 1]`` of pairs (image_tokens[p], texts[p])."""
+        return self.itm_logits(image_tokens, texts)[:, 1]
 
     def itm_text_states(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Each text's text-layer output once (ALBEF's evaluation caches ``text_embeds`` likewise): ``hidden`` (T, L, h), ``mask``."""

@@ -25,6 +25,7 @@ from trainables.errors import UserError
 from trainables.models import DIRECTORY_KINDS, ModelSpec, parse_model_spec
 from trainables.models.tiny_albef import TINY_TCL, TinyAlbefConfig, pretrained_weights
 from trainables.models.tiny_albef_ve import finetuned_weights as finetuned_ve_weights
+from trainables.models.tiny_albef_vg import finetuned_weights as finetuned_vg_weights
 from trainables.models.tiny_clip import ensure_pretrained
 from trainables.models.weights import CONTENT_ADDRESSED, WEIGHT_SUFFIXES, content_addressed_name, file_sha256
 
@@ -34,7 +35,10 @@ EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {"tiny-clip": ensure_pretraine
                                                     "tiny-tcl": lambda: pretrained_weights(TINY_TCL),
                                                     # tiny-albef/tiny-tcl fine-tuned for entailment (trainables.models.tiny_albef_ve)
                                                     "tiny-albef-ve": finetuned_ve_weights,
-                                                    "tiny-tcl-ve": lambda: finetuned_ve_weights("tcl")}
+                                                    "tiny-tcl-ve": lambda: finetuned_ve_weights("tcl"),
+                                                    # ... and for grounding (trainables.models.tiny_albef_vg)
+                                                    "tiny-albef-vg": finetuned_vg_weights,
+                                                    "tiny-tcl-vg": lambda: finetuned_vg_weights("tcl")}
 BASE_WEIGHTS_DIR = "base-weights"  # under a sweep's storage folder: the content-addressed base weights
 
 

@@ -546,6 +546,17 @@ def pretrained_weights(config: TinyAlbefConfig = TinyAlbefConfig()) -> Path:
     return ensure_pretrained(config) / WEIGHTS_FILE
 
 
+def text_files_dir(weights: Path) -> Path:
+    """The folder of a fine-tuned tiny model's tokenizer files: beside ``weights``, or (e.g. for a sweep's
+    content-addressed copy) a cache folder they are written to; deterministic files, never trained, and the same
+    for every family (one architecture and vocabulary)."""
+    if all((weights.parent / name).is_file() for name in ("vocab.txt", "config_bert.json")):
+        return weights.parent
+    directory = cache_dir() / "tiny-albef-ve-text"  # the name the VE loader has always used
+    write_text_files(directory, TinyAlbefConfig())
+    return directory
+
+
 def load_tiny_albef(spec: str, weights: str | None = None, config: TinyAlbefConfig = TinyAlbefConfig()) -> AlbefVLP:
     """``tiny-albef``/``tiny-tcl`` (pretrained and cached on first use), or its architecture with ``weights``.
 

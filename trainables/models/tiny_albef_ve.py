@@ -156,14 +156,10 @@ def finetuned_weights(family: str = "albef") -> Path:
 
 def load_tiny_albef_ve(spec: str, weights: str | None = None, family: str = "albef") -> AlbefVLP:
     """``tiny-<family>-ve`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
-    path = Path(weights) if weights is not None else finetuned_weights(family)
-    text_dir = path.parent
-    if not all((text_dir / name).is_file() for name in TEXT_FILES):  # e.g. a sweep's content-addressed copy
-        from trainables.models.tiny_albef import TinyAlbefConfig, write_text_files
+    from trainables.models.tiny_albef import text_files_dir
 
-        # Deterministic files, written, never trained; tiny-tcl's are the same (one architecture and vocabulary).
-        text_dir = cache_dir() / "tiny-albef-ve-text"
-        write_text_files(text_dir, TinyAlbefConfig())
+    path = Path(weights) if weights is not None else finetuned_weights(family)
+    text_dir = text_files_dir(path)
     net = build_albef(inference_state(read_state_dict(path)), read_bert_config(text_dir), str(path))
     return VE_CLASSES[family](net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
 
