@@ -45,11 +45,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from trainables.models.albef import ALBEF_MEAN, ALBEF_STD, AlbefNet, AlbefVLP, load_albef
+from trainables.models.albef import ALBEF_MEAN, ALBEF_STD, AlbefNet, AlbefVLP, build_albef, load_albef
 from trainables.models.albef_bert import BertConfig
+from trainables.models.albef_checkpoint import inference_state, read_bert_config
 from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer, pre_caption
 from trainables.models.albef_vit import VitConfig
 from trainables.models.tiny_clip import cache_dir, first_use_lock
+from trainables.models.weights import read_state_dict
 
 if TYPE_CHECKING:  # the world is imported where it is built: only pretraining needs it
     from trainables.data.synthetic import SyntheticWorld
@@ -555,6 +557,13 @@ def text_files_dir(weights: Path) -> Path:
     directory = cache_dir() / "tiny-albef-ve-text"  # the name the VE loader has always used
     write_text_files(directory, TinyAlbefConfig())
     return directory
+
+
+def load_finetuned(weights: Path, model_class: type[AlbefVLP], spec: str) -> AlbefVLP:
+    """A fine-tuned tiny model (``tiny-*-ve``, ``tiny-*-vg``) from its weights file, as ``model_class``, in eval mode."""
+    text_dir = text_files_dir(weights)
+    net = build_albef(inference_state(read_state_dict(weights)), read_bert_config(text_dir), str(weights))
+    return model_class(net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
 
 
 def load_tiny_albef(spec: str, weights: str | None = None, config: TinyAlbefConfig = TinyAlbefConfig()) -> AlbefVLP:

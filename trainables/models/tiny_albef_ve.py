@@ -156,12 +156,9 @@ def finetuned_weights(family: str = "albef") -> Path:
 
 def load_tiny_albef_ve(spec: str, weights: str | None = None, family: str = "albef") -> AlbefVLP:
     """``tiny-<family>-ve`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
-    from trainables.models.tiny_albef import text_files_dir
+    from trainables.models.tiny_albef import load_finetuned
 
-    path = Path(weights) if weights is not None else finetuned_weights(family)
-    text_dir = text_files_dir(path)
-    net = build_albef(inference_state(read_state_dict(path)), read_bert_config(text_dir), str(path))
-    return VE_CLASSES[family](net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
+    return load_finetuned(Path(weights) if weights is not None else finetuned_weights(family), VE_CLASSES[family], spec)
 
 
 def competence(model: AlbefVLP, pairs: int = 300, eps: tuple[float, ...] = (2 / 255, 4 / 255), seed: int = 0) -> list:

@@ -41,11 +41,8 @@ from tqdm import tqdm
 
 from trainables.errors import UserError
 from trainables.evaluation.binding import BindingCase, binding_cases
-from trainables.models.albef import AlbefVLP, TclVLP, build_albef, load_albef
-from trainables.models.albef_checkpoint import inference_state, read_bert_config
-from trainables.models.albef_text import AlbefTokenizer, load_bert_tokenizer
+from trainables.models.albef import AlbefVLP, TclVLP, load_albef
 from trainables.models.tiny_clip import cache_dir, first_use_lock
-from trainables.models.weights import read_state_dict
 from trainables.tasks import Task
 
 WEIGHTS = "weights.safetensors"
@@ -234,12 +231,9 @@ def finetuned_weights(family: str = "albef") -> Path:
 
 def load_tiny_albef_vg(spec: str, weights: str | None = None, family: str = "albef") -> AlbefVLP:
     """``tiny-<family>-vg`` (fine-tuned and cached on first use), or its architecture with ``weights``."""
-    from trainables.models.tiny_albef import text_files_dir
+    from trainables.models.tiny_albef import load_finetuned
 
-    path = Path(weights) if weights is not None else finetuned_weights(family)
-    text_dir = text_files_dir(path)
-    net = build_albef(inference_state(read_state_dict(path)), read_bert_config(text_dir), str(path))
-    return VG_CLASSES[family](net, AlbefTokenizer(load_bert_tokenizer(text_dir)), spec).eval()
+    return load_finetuned(Path(weights) if weights is not None else finetuned_weights(family), VG_CLASSES[family], spec)
 
 
 def competence(model: AlbefVLP, refs: int = 600, layer: int | None = None) -> list:
