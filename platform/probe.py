@@ -14,7 +14,7 @@ the embedded encoders see").
 ``--patches`` probes the ViT's output patch tokens instead (models whose fusion layers read them:
 ALBEF, TCL, BLIP) on the multi-object grounding scenes (``synthetic-vg``): the colour of the
 object under each object patch, read from the patch's own token and, as the control, from
-another patch's token of the same image (docs/grounding.md, "Why 50% is not reached").
+another patch's token of the same image (docs/grounding.md, "Why ALBEF's recipe alone stays below 50%").
 ``--binding`` asks the ITM head of such a model whether "the red circle" is true of a scene with a
 red square and a blue circle (trainables/evaluation/binding.py).
 """

@@ -7,7 +7,7 @@ shape). An ITM head that scores the true expression above the rebound one on abo
 does not bind; it answers "is there something red, is there a circle". The control replaces the
 colour by one no object has: a head that reads the words at all scores the true expression higher
 there. GradCAM grounding reads the map off this head, so a head that does not bind cannot put the
-map on the one object both words name (docs/grounding.md, "Why 50% is not reached").
+map on the one object both words name (docs/grounding.md, "Why ALBEF's recipe alone stays below 50%").
 """
 
 from __future__ import annotations
